@@ -1,0 +1,48 @@
+"""The ``dream`` command. Each subcommand lives in its own module exposing
+``add_arguments(parser)`` and ``run(args) -> int``; this file only dispatches."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). Modules are imported lazily so ``dream --help`` stays fast.
+COMMANDS = {
+    "check-parity": ("dream.parity", "compare the model with an official parity fixture"),
+    "train": ("dream.train.cli", "train or fine-tune a DREAM model"),
+    "sample": ("dream.sampling.cli", "generate images from prompts (plain, SAD, best-of-K)"),
+    "eval": ("dream.eval.cli", "FID, CLIP score, linear probe, few-shot, retrieval"),
+    "data": ("dream.data.cli", "make webdataset shards (folders, CSV/JSONL, ShapesWorld)"),
+    "demo": ("dream.demo", "ShapesWorld end-to-end demo (the main job of `make demo`)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dream", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(_module=mod)
+        try:
+            importlib.import_module(mod).add_arguments(p)
+        except ModuleNotFoundError as e:  # a subcommand not built yet
+            if e.name != mod:
+                raise
+            p.set_defaults(_missing=str(e))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", None):
+        print(f"dream {args.command}: not available ({args._missing})", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

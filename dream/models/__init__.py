@@ -1,0 +1,11 @@
+"""DREAM model classes, configs and the registry."""
+from .config import DreamConfig as DreamConfig
+from .convert import load_checkpoint_into as load_checkpoint_into
+from .convert import save_pretrained as save_pretrained
+from .dream import DREAM as DREAM
+from .patchify import patchify as patchify
+from .patchify import unpatchify as unpatchify
+from .registry import create_model as create_model
+from .registry import get_config as get_config
+from .registry import list_models as list_models
+from .registry import register_model as register_model

@@ -1,0 +1,127 @@
+"""``DreamConfig``: every hyper-parameter of a DREAM model, frozen, JSON round-trippable."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Union
+
+
+@dataclass(frozen=True)
+class DreamConfig:
+    """DREAM architecture and loss settings (defaults: DREAM-B with the official recipe).
+
+    Token layout: images of ``img_size`` go through a tokenizer of stride ``vae_stride`` with
+    ``vae_embed_dim`` channels, patchified by ``patch_size``: ``seq_len`` tokens of ``token_dim``.
+    """
+
+    # --- tokens ---
+    img_size: int = 256
+    vae_stride: int = 8             # 8 for SD-VAE, 16 for MAR KL-16, 1 for raw pixels
+    patch_size: int = 2
+    vae_embed_dim: int = 4          # latent channels (3 for raw pixels)
+    buffer_size: int = 64           # buffer tokens, all filled with class_emb(0)
+    class_num: int = 1000           # size of the (unused but official) class-embedding table
+    # --- image encoder (MAE-style ViT) ---
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    # --- text-conditioned MAR decoder ---
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 12
+    decoder_num_heads: int = 12
+    mlp_ratio: float = 4.0          # MLP hidden = int(width * mlp_ratio); DREAM-G uses 8192/1664
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    # --- text aligner over frozen text-encoder features (T5-Large in the paper) ---
+    text_embed_dim: int = 1024      # width of the frozen text features
+    text_max_len: int = 128
+    text_aligner_depth: int = 6
+    # --- contrastive head: CLIP-style text tower + image projection MLP ---
+    clip_context_length: int = 77
+    clip_vocab_size: int = 49408
+    clip_width: int = 512
+    clip_heads: int = 8
+    clip_layers: int = 12
+    clip_mlp_ratio: float = 4.0
+    embed_dim: int = 256            # joint embedding size
+    proj_hidden_dim: int = 1024     # image projection MLP hidden size (official ssl_mlp_dim)
+    logit_scale_init: float = 2.659260036932778  # ln(1 / 0.07); unclamped, as official
+    # --- diffusion head ---
+    diffloss_depth: int = 3
+    diffloss_width: int = 1024
+    diffusion_batch_mul: int = 4
+    diffusion_steps: int = 1000
+    noise_schedule: str = "cosine"
+    num_sampling_steps: str = "100"
+    # --- loss recipe and gating ---
+    diff_loss_weight: float = 1.0
+    clip_loss_weight: float = 0.005
+    min_visible_ratio_for_clip: float = 0.25   # contrastive loss only for samples with >= 25 % visible
+    min_masked_ratio_for_diff: float = 0.5     # diffusion loss only when >= 50 % masked
+    text_drop_prob: float = 0.1                # CFG caption drop (applied by the trainer)
+    # --- runtime ---
+    attn_backend: str = "auto"
+    grad_checkpointing: bool = False
+
+    # derived ------------------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.vae_stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae_embed_dim * self.patch_size ** 2
+
+    def __post_init__(self):
+        if self.img_size % (self.vae_stride * self.patch_size):
+            raise ValueError(f"img_size {self.img_size} is not divisible by vae_stride*patch_size "
+                             f"= {self.vae_stride}*{self.patch_size}")
+        for name in ("encoder", "decoder"):
+            w, h = getattr(self, f"{name}_embed_dim"), getattr(self, f"{name}_num_heads")
+            if w % h:
+                raise ValueError(f"{name}_embed_dim {w} is not divisible by {name}_num_heads {h}")
+        if self.clip_width % self.clip_heads:
+            raise ValueError(f"clip_width {self.clip_width} is not divisible by clip_heads {self.clip_heads}")
+        if self.attn_backend not in ("auto", "triton", "sdpa", "math"):
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r}")
+
+    # serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DreamConfig":
+        d = {k: v for k, v in d.items() if k not in ("arch", "dream_version", "model_type")}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DreamConfig keys: {unknown}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> "DreamConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown DreamConfig keys: {unknown}")
+        return dataclasses.replace(self, **overrides)
+
+    def save(self, path: Union[str, os.PathLike], arch: str | None = None) -> None:
+        from dream.version import __version__
+
+        d = {"model_type": "dream", "dream_version": __version__, **({"arch": arch} if arch else {}),
+             **self.to_dict()}
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(d, f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "DreamConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
