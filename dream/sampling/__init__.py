@@ -1,0 +1,13 @@
+"""Generation: MAR sampler, Semantically Aligned Decoding, best-of-K reranking."""
+from .diffusion_sampler import TokenDiffusionSampler as TokenDiffusionSampler
+from .mar import DecodeState as DecodeState
+from .mar import MARSampler as MARSampler
+from .mar import SamplerConfig as SamplerConfig
+from .sad import SADOutput as SADOutput
+from .sad import SemanticallyAlignedDecoding as SemanticallyAlignedDecoding
+from .sad import best_of_k as best_of_k
+from .sad import critic_scores as critic_scores
+from .sad import resolve_threshold as resolve_threshold
+from .schedules import cfg_at as cfg_at
+from .schedules import mask_len_after as mask_len_after
+from .schedules import reveal_counts as reveal_counts
