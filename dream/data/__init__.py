@@ -1,0 +1,1 @@
+"""Data: webdataset pipelines, shard writer, transforms and the synthetic ShapesWorld dataset."""
