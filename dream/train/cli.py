@@ -1,0 +1,73 @@
+"""``dream train``: train or fine-tune DREAM from a config file (YAML/JSON) with flag overrides.
+
+    dream train --config configs/dream_tiny_shapes.yaml --out runs/x
+    dream train --config configs/x.yaml --data 'shards/{000..009}.tar' --out runs/x --steps 2000
+    dream train --resume runs/x                      # continue exactly where it stopped
+    torchrun --nproc_per_node 2 -m dream.cli train --config ... --out runs/x      # DDP (gloo on CPU)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+_FLAGS = {  # flag -> (TrainConfig field, type)
+    "--model": ("model", str), "--data": ("data", str), "--tokenizer": ("tokenizer", str),
+    "--text-encoder": ("text_encoder", str), "--batch-size": ("batch_size", int), "--grad-accum": ("grad_accum", int),
+    "--steps": ("steps", int), "--minutes": ("minutes", float), "--lr": ("lr", float), "--blr": ("blr", float),
+    "--warmup-steps": ("warmup_steps", int), "--precision": ("precision", str), "--seed": ("seed", int),
+    "--init-from": ("init_from", str), "--ema-decay": ("ema_decay", float), "--ckpt-every": ("ckpt_every", int),
+    "--log-every": ("log_every", int), "--num-workers": ("num_workers", int), "--device": ("device", str),
+    "--sample-every": ("sample_every", int),
+}
+
+
+def add_arguments(p):
+    p.add_argument("--config", help="YAML or JSON training config (see configs/)")
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss.png, samples/)")
+    p.add_argument("--resume", metavar="RUN", help="resume the run in this folder from its last checkpoint")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any config field (JSON value)")
+    for flag, (field, typ) in _FLAGS.items():
+        p.add_argument(flag, dest=field, type=typ, default=None, help=f"override `{field}`")
+
+
+def run(args) -> int:
+    from .config import TrainConfig
+    from .loop import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = args.out or args.resume
+    if not out:
+        raise SystemExit("dream train: give --out RUN (or --resume RUN)")
+    if args.resume:
+        saved = Path(args.resume) / "train_config.json"
+        if not saved.exists():
+            raise SystemExit(f"dream train --resume: {saved} not found")
+        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
+    elif args.config:
+        if not Path(args.config).exists():
+            raise SystemExit(f"dream train: config file not found: {args.config}")
+        cfg = TrainConfig.load(args.config)
+    else:
+        cfg = TrainConfig()
+    over = {field: getattr(args, field) for _, (field, _) in _FLAGS.items() if getattr(args, field) is not None}
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        try:
+            over[k] = json.loads(v)
+        except json.JSONDecodeError:
+            over[k] = v
+    if args.compile:
+        over["compile"] = True
+    cfg = cfg.replace(**over)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    from . import distributed as D
+
+    trainer = Trainer(cfg, out, resume=bool(args.resume))
+    if D.is_main():
+        (Path(out) / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    res = trainer.fit()
+    if D.is_main():
+        print(f"trained {res['steps']} steps in {res['wall_s']:.0f} s -> {out}/model (weights), {out}/loss.png")
+    return 0

@@ -1,0 +1,84 @@
+"""``TrainConfig``: everything a training run needs, frozen and YAML/JSON round-trippable."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- model ---
+    model: str = "dream_tiny"                 # registry name
+    model_overrides: dict = field(default_factory=dict)
+    init_from: Optional[str] = None           # fine-tune from a checkpoint (ours or official; EMA preferred)
+    frozen: tuple = ()                        # parameter-name prefixes to freeze, e.g. ("transformer.",)
+    # --- data ---
+    data: str = "shapes"                      # "shapes" (ShapesWorld stream) or shard urls ('shards/{000..009}.tar')
+    shapes: dict = field(default_factory=dict)  # ShapesConfig overrides for data="shapes"
+    tokenizer: str = "pixel"                  # "pixel" or a VAE folder / checkpoint path
+    text_encoder: str = "minilm"              # minilm | hf:PATH | random
+    use_text_padding_mask: bool = False       # official DREAM: no padding mask
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    # --- schedule ---
+    batch_size: int = 64                      # per process
+    grad_accum: int = 1
+    steps: int = 1000                         # optimizer steps
+    minutes: Optional[float] = None           # wall-clock budget (stops early, checkpoint written)
+    steps_per_epoch: Optional[int] = None     # progress unit of the Masking Warmup; default steps / 48
+    masking: dict = field(default_factory=lambda: {"preset": "dream"})
+    # --- optimiser ---
+    blr: float = 1e-4                         # lr = blr * global batch / 256 unless lr is given
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"             # constant (official) | cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.04
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 3.0
+    ema_decay: float = 0.9999
+    official_weight_decay: bool = True
+    # --- runtime ---
+    precision: str = "auto"                   # auto (bf16 where supported) | bf16 | fp16 | fp32
+    compile: bool = False
+    device: Optional[str] = None
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_ckpts: int = 3
+    sample_every: int = 0                     # 0 = only at the end
+    sample_prompts: tuple = ()
+    sample_num_iter: int = 16
+    sample_cfg: float = 3.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {unknown}")
+        d = dict(d)
+        for k in ("frozen", "betas", "sample_prompts"):
+            if k in d and isinstance(d[k], list):
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> "TrainConfig":
+        return self.from_dict({**self.to_dict(), **kw})
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        text = Path(path).read_text()
+        if str(path).endswith((".yaml", ".yml")):
+            import yaml
+
+            d = yaml.safe_load(text) or {}
+        else:
+            d = json.loads(text)
+        return cls.from_dict(d)

@@ -1,0 +1,32 @@
+"""Loss curves as PNG (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def plot_loss_curves(history: Sequence[dict], path: os.PathLike, keys=("loss", "diff_loss", "clip_loss"),
+                     title: str = "DREAM training") -> Optional[Path]:
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+        vals = [h.get(k, float("nan")) for h in history]
+        ax.plot(steps, vals)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
