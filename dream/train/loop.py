@@ -99,11 +99,11 @@ class ShardBatches:
     """Webdataset shards through :mod:`dream.data.webdataset` (position checkpointed)."""
 
     def __init__(self, urls: str, image_size: int, batch: int, cfg: TrainConfig, rank: int, world: int):
-        from dream.data.webdataset import ImageTextLoader, WebDatasetConfig
+        from dream.data.webdataset import make_dataloader
 
-        wcfg = WebDatasetConfig(image_size=image_size, seed=cfg.seed)
-        self.loader = ImageTextLoader(urls, batch_size=batch, config=wcfg, num_workers=cfg.num_workers,
-                                      rank=rank, world_size=world)
+        self.loader = make_dataloader(urls, batch, image_size, num_workers=cfg.num_workers,
+                                      shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank,
+                                      world_size=world, log_fn=log.info)
         self.it = None
 
     def get(self, step: int, micro: int) -> dict:
@@ -112,11 +112,9 @@ class ShardBatches:
                 self.it = iter(self.loader)
             try:
                 return next(self.it)
-            except StopIteration:
-                stats = getattr(self.loader, "last_epoch_stats", None)
-                if stats is not None and D.is_main():
-                    log.info("epoch %s data summary: %s", self.loader.epoch, stats)
-                self.loader.set_epoch(self.loader.epoch + 1)
+            except StopIteration:  # epoch done: the loader logged its summary and advanced its epoch
+                if self.loader.stats.get("samples", 0) == 0:
+                    raise RuntimeError(f"no usable samples in the shards (skipped: {self.loader.stats})")
                 self.it = None
 
     def state_dict(self) -> dict:

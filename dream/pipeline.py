@@ -1,0 +1,170 @@
+"""``DreamPipeline``: tokenizer + CLIP BPE tokenizer + frozen text conditioner + DREAM, end to end.
+
+    pipe = DreamPipeline.from_pretrained("dream_tiny.shapes")          # shipped weights, no network
+    images = pipe.generate(["a red square", "two blue circles"], seed=0)  # (N, 3, H, W) in [-1, 1]
+    pipe.score(images, ["a red square", "two blue circles"])             # DREAM's own image-text cosine
+
+A pipeline folder holds ``model/`` (model.safetensors + config.json), ``tokenizer/`` (config.json and,
+for a VAE, its weights) and ``pipeline.json`` (text-encoder spec, padding-mask switch). The frozen text
+encoder is referenced, not copied: ``minilm``, ``hf:/path/to/t5-large`` or ``random``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+PIPELINE_FILE = "pipeline.json"
+
+
+class DreamPipeline:
+    """Images and strings in, embeddings / scores / images out."""
+
+    def __init__(self, model, tokenizer, text_encoder: str = "minilm", use_padding_mask: bool = False,
+                 device: Union[str, torch.device, None] = None):
+        from dream.text.inputs import TextInputs
+
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer.to(self.device) if hasattr(tokenizer, "to") else tokenizer
+        c = model.config
+        self.text_encoder_spec = text_encoder
+        self.text = TextInputs(text_encoder, c.text_embed_dim, c.text_max_len, c.clip_context_length, self.device,
+                               use_padding_mask)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: Union[str, os.PathLike], device=None, text_encoder: Optional[str] = None,
+                        **model_overrides) -> "DreamPipeline":
+        """Load a pipeline folder, or a shipped name such as ``dream_tiny.shapes``."""
+        import dream
+        from dream.models.registry import _PRETRAINED
+        from dream.models.vae import create_tokenizer
+
+        folder = _PRETRAINED.get(str(name_or_path), Path(name_or_path))
+        folder = Path(folder)
+        if not folder.exists():
+            raise FileNotFoundError(f"pipeline folder not found: {folder}")
+        meta = json.loads((folder / PIPELINE_FILE).read_text()) if (folder / PIPELINE_FILE).exists() else {}
+        model_dir = folder / "model" if (folder / "model").is_dir() else folder
+        model = dream.create_model(model_dir, **model_overrides)
+        tok_spec = meta.get("tokenizer", "tokenizer")
+        tok_path = folder / tok_spec
+        tokenizer = create_tokenizer(str(tok_path) if tok_path.exists() else tok_spec)
+        return cls(model, tokenizer, text_encoder or meta.get("text_encoder", "minilm"),
+                   meta.get("use_padding_mask", False), device)
+
+    def save_pretrained(self, folder: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
+        from dream.models.convert import save_pretrained
+
+        folder = Path(folder)
+        save_pretrained(self.model, folder / "model", dtype=dtype)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        meta = {"tokenizer": "tokenizer", "text_encoder": self.text_encoder_spec,
+                "use_padding_mask": self.text.use_padding_mask}
+        (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
+        return folder
+
+    # ------------------------------------------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float() / 127.5 - 1
+        return images.to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] (or uint8) -> contrastive embeddings (B, E)."""
+        tokens = self.tokenizer.encode(self._check_images(images), sample=False)
+        return self.model.encode_image(tokens, normalize=normalize)
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Strings -> CLIP-tower embeddings (B, E)."""
+        texts = _as_list(texts)
+        return self.model.encode_text(self.text.clip_ids(texts), normalize=normalize)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """DREAM's own image-text similarity (cosine, B,) for matching pairs."""
+        texts = _as_list(texts)
+        if len(texts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(texts)} texts")
+        return (self.encode_images(images) * self.encode_text(texts)).sum(-1)
+
+    @torch.no_grad()
+    def generate(self, prompts: Union[str, Sequence[str]], num_iter: int = 64, cfg: float = 3.0,
+                 temperature: float = 1.0, seed: Optional[int] = 0, batch_size: int = 16,
+                 cfg_schedule: str = "linear", num_sampling_steps: Optional[str] = None,
+                 sad: Optional[tuple] = None, rerank: Optional[int] = None, scorer=None,
+                 progress: bool = False, return_scores: bool = False, autocast: Optional[torch.dtype] = None):
+        """Generate images for ``prompts`` (chunked by ``batch_size``).
+
+        Args:
+            sad: ``(K, tau)`` for Semantically Aligned Decoding (tau in steps, or a float fraction of tokens).
+            rerank: K for best-of-K reranking (DREAM's own score, or ``scorer(images, prompts) -> (N,)``).
+            autocast: e.g. ``torch.bfloat16`` to run the networks under autocast.
+        Returns:
+            images (N, 3, H, W) in [-1, 1]; with ``return_scores`` also the per-prompt selection scores.
+        """
+        from dream.sampling import MARSampler, SamplerConfig, SemanticallyAlignedDecoding, best_of_k
+
+        prompts = _as_list(prompts)
+        if sad is not None and rerank is not None:
+            raise ValueError("choose one of sad=(K, tau) and rerank=K")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        scfg = SamplerConfig(num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
+                             num_sampling_steps=num_sampling_steps)
+        g = torch.Generator(device="cpu")
+        if seed is not None:
+            g.manual_seed(seed)
+        else:
+            g.seed()
+        images, scores = [], []
+        chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        from tqdm.auto import tqdm
+
+        for chunk in tqdm(chunks, disable=not progress, desc="generate"):
+            feats, pad = self.text.features(chunk)
+            null, null_pad = self.text.null(len(chunk))
+            with torch.autocast(self.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                if sad is not None:
+                    k, tau = sad
+                    out = SemanticallyAlignedDecoding(self.model, scfg, int(k), tau).sample(
+                        feats, self.text.clip_ids(chunk), null, text_padding_mask=pad, null_padding_mask=null_pad,
+                        generator=g, progress=progress)
+                    toks, sc = out.tokens, out.scores.max(0).values
+                elif rerank is not None:
+                    ext = None
+                    if scorer is not None:
+                        ext = (lambda t, c=chunk: scorer(self.tokenizer.decode(t.float()), list(c) * int(rerank)))
+                    out = best_of_k(MARSampler(self.model, scfg), feats, self.text.clip_ids(chunk), null,
+                                    k=int(rerank), scorer=ext, generator=g, progress=progress)
+                    toks, sc = out.tokens, out.scores.max(0).values
+                else:
+                    toks = MARSampler(self.model, scfg).sample(feats, null, text_padding_mask=pad,
+                                                               null_padding_mask=null_pad, generator=g,
+                                                               progress=progress)
+                    sc = None
+            images.append(self.tokenizer.decode(toks.float()).clamp(-1, 1).cpu())
+            if sc is not None:
+                scores.append(sc.float().cpu())
+        images = torch.cat(images)
+        if return_scores:
+            return images, (torch.cat(scores) if scores else None)
+        return images
+
+
+def _as_list(texts) -> list:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("empty prompt list")
+    for t in texts:
+        if not isinstance(t, str):
+            raise TypeError(f"prompts must be strings, got {type(t).__name__}")
+    return texts

@@ -1,0 +1,170 @@
+"""Trainer: exact resume, atomic checkpoints, 2-process gloo == 1 process, dream train end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dream
+from dream.train import TrainConfig
+from dream.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+
+TINY = {"clip_vocab_size": 49408, "img_size": 32, "vae_stride": 1, "patch_size": 8, "vae_embed_dim": 3}
+
+
+def _cfg(**kw):
+    base = dict(model="dream_test", model_overrides=TINY, text_encoder="random", batch_size=4, steps=4,
+                log_every=1, ckpt_every=2, precision="fp32", lr=1e-3, warmup_steps=1, ema_decay=0.9,
+                masking={"preset": "dream"}, steps_per_epoch=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path):
+    from dream.train.loop import Trainer
+
+    full = Trainer(_cfg(steps=4, ckpt_every=0), tmp_path / "full")
+    full.fit()
+    a = Trainer(_cfg(steps=2, ckpt_every=2), tmp_path / "part")
+    a.fit()
+    b = Trainer(_cfg(steps=4, ckpt_every=2), tmp_path / "part", resume=True)
+    assert b.step == 2
+    b.fit()
+    wf, wb = _weights(full), _weights(b)
+    for k in wf:
+        torch.testing.assert_close(wb[k], wf[k], atol=1e-6, rtol=0, msg=k)
+    for k, v in full.ema.state_dict().items():
+        torch.testing.assert_close(b.ema.state_dict()[k], v, atol=1e-6, rtol=0)
+    # the run changed the weights at all, and recorded the masking schedule / metrics
+    init = dream.create_model("dream_test", **TINY).state_dict()
+    assert any(not torch.equal(init[k], wf[k]) for k in wf if k in init)
+    lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and {"loss", "diff_loss", "clip_loss", "mask_ratio", "lr"} <= set(json.loads(lines[0]))
+    assert (tmp_path / "full" / "loss.png").exists()
+    # exported weights load through create_model
+    m = dream.create_model(tmp_path / "full" / "model")
+    assert torch.equal(m.state_dict()["z_proj.weight"], wf["z_proj.weight"])
+
+
+def test_checkpoint_write_killed_midway_keeps_previous(tmp_path, monkeypatch):
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path, 1)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2, "w": torch.zeros(3)}, tmp_path, 2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-00000001.pt"
+    assert torch.equal(load_checkpoint(tmp_path)["w"], torch.ones(3))
+    for s in (2, 3, 4, 5):
+        save_checkpoint({"step": s}, tmp_path, s, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-00000004.pt", "checkpoint-00000005.pt"]
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def _ddp_worker(rank, world, port, batch, out_dir):
+    import torch.distributed as dist
+
+    from dream.train.distributed import convert_batchnorm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = dream.create_model("dream_test", attn_dropout=0.0, proj_dropout=0.0)
+    with torch.no_grad():
+        for p in model.diffloss.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    convert_batchnorm(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    sl = slice(rank * batch, (rank + 1) * batch)
+    mul, L = model.config.diffusion_batch_mul, model.config.seq_len
+    t = torch.load(os.path.join(out_dir, "inputs.pt"))
+    out = ddp(t["tokens"][sl], t["ids"][sl], t["feats"][sl], t["mask"][sl],
+              diff_t=t["diff_t"].view(mul, -1, L)[:, sl].reshape(-1),
+              diff_noise=t["diff_noise"].view(mul, -1, L, t["tokens"].shape[-1])[:, sl].reshape(-1, t["tokens"].shape[-1]))
+    out["loss"].backward()
+    if rank == 0:
+        torch.save({"loss": out["loss"].detach(), "clip": out["clip_loss"].detach(),
+                    "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
+                   os.path.join(out_dir, "ddp.pt"))
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, out["loss"].detach())
+    if rank == 0:
+        torch.save(torch.stack(losses), os.path.join(out_dir, "losses.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from dream.masking import mask_from_orders, sample_orders
+
+    torch.manual_seed(0)
+    model = dream.create_model("dream_test", attn_dropout=0.0, proj_dropout=0.0)
+    with torch.no_grad():
+        for p in model.diffloss.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    cfg, B = model.config, 3
+    g = torch.Generator().manual_seed(1)
+    N = 2 * B
+    inputs = {"tokens": torch.randn(N, cfg.seq_len, cfg.token_dim, generator=g),
+              "ids": torch.randint(1, 97, (N, cfg.clip_context_length), generator=g),
+              "feats": torch.randn(N, cfg.text_max_len, cfg.text_embed_dim, generator=g),
+              "mask": mask_from_orders(sample_orders(N, cfg.seq_len, generator=g),
+                                       torch.tensor([10, 14, 12, 12, 12, 12])),
+              "diff_t": torch.randint(0, 1000, (cfg.diffusion_batch_mul * N * cfg.seq_len,), generator=g),
+              "diff_noise": torch.randn(cfg.diffusion_batch_mul * N * cfg.seq_len, cfg.token_dim, generator=g)}
+    # sample 1 (14 of 16 masked) is ineligible for the contrastive loss; each rank holds 36 masked tokens, so
+    # the DDP average of per-rank diffusion means (official behaviour) equals the global mean
+    inputs["ids"][:, -1] = 99
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, B, str(tmp_path)), nprocs=2, join=True)
+    # single process on the concatenated batch (BN in train mode uses the full-batch statistics)
+    out = model(inputs["tokens"], inputs["ids"], inputs["feats"], inputs["mask"], diff_t=inputs["diff_t"],
+                diff_noise=inputs["diff_noise"])
+    out["loss"].backward()
+    ddp = torch.load(tmp_path / "ddp.pt")
+    losses = torch.load(tmp_path / "losses.pt")
+    torch.testing.assert_close(ddp["clip"], out["clip_loss"], atol=1e-5, rtol=1e-5)
+    # each rank's loss = its local diffusion mean + the global contrastive term; their mean is the global loss
+    torch.testing.assert_close(losses.mean(), out["loss"].detach(), atol=1e-5, rtol=1e-5)
+    worst = 0.0
+    for n, p in model.named_parameters():
+        g1, g2 = p.grad, ddp["grads"][n]
+        worst = max(worst, float((g1 - g2).abs().max()))
+    assert worst <= 1e-5, worst
+
+
+def test_dream_train_cli_on_tiny_shards_end_to_end(tmp_path):
+    from dream.data.shapes import write_shards
+
+    shards = write_shards(str(tmp_path / "shards"), 24, seed=0, split="train", image_size=32, shard_size=8)
+    assert len(shards) == 3
+    cfg = _cfg(steps=3, ckpt_every=3, data=str(tmp_path / "shards" / "*.tar"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    from dream.cli import main
+
+    pattern = str(tmp_path / "shards") + "/{" + ",".join(os.path.basename(s)[:-4] for s in sorted(shards)) + "}.tar"
+    rc = main(["train", "--config", str(tmp_path / "cfg.json"), "--data", pattern, "--out", str(tmp_path / "run"),
+               "--steps", "3"])
+    assert rc == 0
+    assert latest_checkpoint(tmp_path / "run") is not None
+    m = dream.create_model(tmp_path / "run" / "model")
+    assert m.config.img_size == 32
+    ck = load_checkpoint(tmp_path / "run")  # weights_only load of the full training state
+    assert ck["step"] == 3 and "optimizer" in ck and "rng_gen" in ck
