@@ -326,6 +326,9 @@ class DREAM(nn.Module):
             # without spending compute on the decoder (the official code computes it and multiplies by 0).
             diff_loss = sum(p.sum() for p in self.generative_parameters()) * 0.0
         loss = cfg.diff_loss_weight * diff_loss + cfg.clip_loss_weight * clip_loss
+        # NOTE: official quirk Q3: ``fake_latent`` gets an exactly-zero gradient (label-drop branch), so
+        # weight decay still shrinks it; this also keeps every parameter "used" under DDP.
+        loss = loss + 0.0 * self.fake_latent.sum()
         return {"loss": loss, "diff_loss": diff_loss, "clip_loss": clip_loss,
                 "diff_gate": gate.float().mean(), "clip_gate": eligible.float().mean(),
                 "mask_ratio": mask.float().mean()}
