@@ -26,3 +26,7 @@ def official_tiny():
     if not OFFICIAL_TINY.exists():
         pytest.fail(f"official parity fixture not found at {OFFICIAL_TINY}")
     return OFFICIAL_TINY
+
+
+# Tiny ops run much faster on one thread (and CI shares 2 cores between pytest and the OS).
+torch.set_num_threads(1)
