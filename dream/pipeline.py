@@ -32,6 +32,10 @@ class DreamPipeline:
         self.tokenizer = tokenizer.to(self.device) if hasattr(tokenizer, "to") else tokenizer
         c = model.config
         self.text_encoder_spec = text_encoder
+        # raw pixels are bounded to [-1, 1]: clip the diffusion head's x0 (IDDPM clip_denoised); VAE latents: official
+        from dream.models.vae import PixelTokenizer
+
+        self.clip_denoised = 1.0 if isinstance(tokenizer, PixelTokenizer) else None
         self.text = TextInputs(text_encoder, c.text_embed_dim, c.text_max_len, c.clip_context_length, self.device,
                                use_padding_mask)
 
@@ -99,13 +103,16 @@ class DreamPipeline:
                  temperature: float = 1.0, seed: Optional[int] = 0, batch_size: int = 16,
                  cfg_schedule: str = "linear", num_sampling_steps: Optional[str] = None,
                  sad: Optional[tuple] = None, rerank: Optional[int] = None, scorer=None,
-                 progress: bool = False, return_scores: bool = False, autocast: Optional[torch.dtype] = None):
+                 progress: bool = False, return_scores: bool = False, autocast: Optional[torch.dtype] = None,
+                 clip_denoised: Optional[float] = "default"):
         """Generate images for ``prompts`` (chunked by ``batch_size``).
 
         Args:
             sad: ``(K, tau)`` for Semantically Aligned Decoding (tau in steps, or a float fraction of tokens).
             rerank: K for best-of-K reranking (DREAM's own score, or ``scorer(images, prompts) -> (N,)``).
             autocast: e.g. ``torch.bfloat16`` to run the networks under autocast.
+            clip_denoised: clamp the diffusion head's x0 to [-c, c]; default: the pipeline's setting (1.0 for
+                raw-pixel tokens, None = official for VAE latents).
         Returns:
             images (N, 3, H, W) in [-1, 1]; with ``return_scores`` also the per-prompt selection scores.
         """
@@ -116,8 +123,10 @@ class DreamPipeline:
             raise ValueError("choose one of sad=(K, tau) and rerank=K")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if clip_denoised == "default":
+            clip_denoised = self.clip_denoised
         scfg = SamplerConfig(num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                             num_sampling_steps=num_sampling_steps)
+                             num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised)
         g = torch.Generator(device="cpu")
         if seed is not None:
             g.manual_seed(seed)

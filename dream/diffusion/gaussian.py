@@ -139,9 +139,16 @@ class GaussianDiffusion:
             self._cache[key] = getattr(self, name).to(device)
         return self._cache[key]
 
+    def _table32(self, name: str, device: torch.device) -> torch.Tensor:
+        """float32 copy of a float64 schedule array (cast-then-gather == gather-then-cast, exactly)."""
+        key = (name, device, torch.float32)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, name).float().to(device)
+        return self._cache[key]
+
     def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Gather a float64 schedule array at ``t``, cast to float32, broadcast against ``x``."""
-        out = self._table(name, t.device)[t].float()
+        out = self._table32(name, t.device)[t]
         return out.view(-1, *([1] * (x.dim() - 1)))
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +171,10 @@ class GaussianDiffusion:
         if model_output.shape[1] != 2 * c:
             raise ValueError(f"expected a net output of {2 * c} channels (eps + variance), got {model_output.shape[1]}")
         eps, v = model_output[:, :c], model_output[:, c:]
+        mean, log_variance, pred_xstart = self._p_mean_variance_parts(eps, v, x, t)
+        return mean, log_variance, pred_xstart, eps
+
+    def _p_mean_variance_parts(self, eps: torch.Tensor, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
         min_log = self._extract("posterior_log_variance_clipped", t, x)
         max_log = self._extract("log_betas", t, x)
         frac = (v + 1) / 2
@@ -171,22 +182,34 @@ class GaussianDiffusion:
         pred_xstart = (self._extract("sqrt_recip_alphas_cumprod", t, x) * x
                        - self._extract("sqrt_recipm1_alphas_cumprod", t, x) * eps)
         mean = self.q_posterior_mean(pred_xstart, x, t)
-        return mean, log_variance, pred_xstart, eps
+        return mean, log_variance, pred_xstart
 
     def training_losses(self, net: Callable, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                         **net_kwargs) -> dict:
-        """Hybrid loss per row: ``mse`` (eps) + ``vb`` (bits, stop-gradient on the mean)."""
+        """Hybrid loss per row: ``mse`` (eps) + ``vb`` (bits, stop-gradient on the mean).
+
+        ``vb`` is the decoder NLL for rows with t = 0 and the KL otherwise. On CPU the NLL is evaluated
+        only on the t = 0 rows (about 1 in T); elsewhere on every row with a ``where`` (no host sync)."""
         x_t = self.q_sample(x_start, t, noise)
         out = net(x_t, self.model_timesteps(t), **net_kwargs)
         c = x_start.shape[1]
+        if out.shape[1] != 2 * c:
+            raise ValueError(f"expected a net output of {2 * c} channels (eps + variance), got {out.shape[1]}")
         eps = out[:, :c]
-        frozen = torch.cat([eps.detach(), out[:, c:]], dim=1)
-        mean, log_var, _, _ = self.p_mean_variance(frozen, x_t, t)
+        mean, log_var, _ = self._p_mean_variance_parts(eps.detach(), out[:, c:], x_t, t)
         true_mean = self.q_posterior_mean(x_start, x_t, t)
         true_log_var = self._extract("posterior_log_variance_clipped", t, x_t)
         kl = _mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
-        nll = -_mean_flat(discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var)) / math.log(2.0)
-        vb = torch.where(t == 0, nll, kl)
+        if x_start.device.type == "cpu":
+            first = (t == 0).nonzero(as_tuple=True)[0]
+            vb = kl
+            if first.numel():
+                nll = -_mean_flat(discretized_gaussian_log_likelihood(
+                    x_start[first], mean[first], 0.5 * log_var[first])) / math.log(2.0)
+                vb = kl.index_put((first,), nll)
+        else:
+            nll = -_mean_flat(discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var)) / math.log(2.0)
+            vb = torch.where(t == 0, nll, kl)
         mse = _mean_flat((noise - eps) ** 2)
         return {"loss": mse + vb, "mse": mse, "vb": vb, "x_t": x_t}
 

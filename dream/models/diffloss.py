@@ -8,6 +8,11 @@ the decoder condition c (N, Dz) to ``[eps, v]`` (N, 2C). Re-implemented from the
 Init (documented as in DiT): xavier-uniform Linear weights, zero biases; the time-embedding MLP
 weights N(0, 0.02); every adaLN modulation and the final linear layer zero, so the head outputs 0
 at initialisation.
+
+Training-speed notes (same function, fewer passes): SiLU(y) is computed once and shared by every
+adaLN modulation (each block's ``adaLN_modulation[0]`` is that SiLU; ``forward_silu`` takes it
+precomputed), and the timestep embedding runs per distinct timestep on CPU (see
+:meth:`TimestepEmbedder.forward`).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dream.diffusion import GaussianDiffusion, create_diffusion
 
@@ -30,6 +36,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
+        self.dedup_min_rows = 2048  # above this many rows, embed each distinct timestep once
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     @staticmethod
@@ -43,6 +50,13 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (N,) -> (N, hidden). On CPU with many rows (training: N = 4 x masked tokens, t in 0..999),
+        the MLP runs once per distinct timestep and the rows are gathered: the same values (up to GEMM
+        rounding), ~10x fewer FLOPs. On CUDA the direct path avoids ``unique``'s host sync."""
+        if t.device.type == "cpu" and t.dim() == 1 and t.numel() > self.dedup_min_rows \
+                and not t.is_floating_point():
+            uniq, inverse = torch.unique(t, return_inverse=True)
+            return torch.index_select(self.mlp(self.sinusoid(uniq, self.freq_dim)), 0, inverse)
         return self.mlp(self.sinusoid(t, self.freq_dim))
 
 
@@ -56,7 +70,11 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
     def forward(self, x, y):
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return self.forward_silu(x, self.adaLN_modulation[0](y))
+
+    def forward_silu(self, x, silu_y):
+        """Same as ``forward`` with SiLU(y) precomputed (shared by every block of the net)."""
+        shift, scale, gate = self.adaLN_modulation[1](silu_y).chunk(3, dim=-1)
         return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
 
 
@@ -68,7 +86,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
 
     def forward(self, x, y):
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.forward_silu(x, self.adaLN_modulation[0](y))
+
+    def forward_silu(self, x, silu_y):
+        shift, scale = self.adaLN_modulation[1](silu_y).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -104,12 +125,13 @@ class SimpleMLPAdaLN(nn.Module):
     def forward_cond(self, x, y):
         """Run the trunk given a precomputed conditioning vector y = time_embed(t) + cond_embed(c)."""
         x = self.input_proj(x)
+        sy = F.silu(y)  # SiLU(y) once for every adaLN modulation (each block's adaLN_modulation[0])
         for blk in self.res_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, y, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk.forward_silu, x, sy, use_reentrant=False)
             else:
-                x = blk(x, y)
-        return self.final_layer(x, y)
+                x = blk.forward_silu(x, sy)
+        return self.final_layer.forward_silu(x, sy)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x (N, C) noisy tokens, t (N,) original-scale timesteps, c (N, Dz) -> (N, out)."""

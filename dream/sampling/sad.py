@@ -27,6 +27,8 @@ from .schedules import reveal_counts
 
 @dataclass
 class SADOutput:
+    """Result of SAD or best-of-K."""
+
     tokens: torch.Tensor     # (B, L, C) the finished samples
     scores: torch.Tensor     # (K, B) critic scores at the selection step (once) / last selection (per-step)
     best: torch.Tensor       # (B,) chosen candidate per prompt
@@ -47,6 +49,8 @@ def resolve_threshold(threshold: Union[int, float], num_iter: int, seq_len: int)
             if done >= threshold * seq_len - 1e-9:
                 return tau
         raise ValueError(f"threshold {threshold} leaves no step to finish (num_iter {num_iter})")
+    if isinstance(threshold, float) and not threshold.is_integer():
+        raise ValueError(f"threshold {threshold} is neither a fraction in (0, 1) nor a whole step count")
     tau = int(threshold)
     if not 1 <= tau <= num_iter - 1:
         raise ValueError(f"threshold must be a step in [1, {num_iter - 1}], got {tau}")
@@ -54,10 +58,22 @@ def resolve_threshold(threshold: Union[int, float], num_iter: int, seq_len: int)
 
 
 @torch.no_grad()
-def critic_scores(model, tokens: torch.Tensor, mask: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """Cosine between normalised image embeddings of the known tokens and normalised text embeddings."""
-    img = model.encode_image(tokens, mask, normalize=True)
-    return (img * F.normalize(text_emb, dim=-1)).sum(-1)
+def critic_scores(model, tokens: torch.Tensor, mask: Optional[torch.Tensor], text_emb: torch.Tensor) -> torch.Tensor:
+    """DREAM's own alignment score: cosine between the normalised image embedding of the known tokens
+    (masked positions dropped, as in training) and the normalised text embedding.
+
+    Args:
+        tokens: (N, L, C); mask: (N, L) bool, True = not decoded yet (None = all known);
+        text_emb: (N, E) CLIP-tower embeddings of the prompts.
+    Returns:
+        (N,) float32 scores. Computed outside autocast (one encoder pass), so that a bf16 sampling
+        run ranks its candidates with float32 scores.
+    """
+    if text_emb.dim() != 2 or text_emb.shape[0] != tokens.shape[0]:
+        raise ValueError(f"text_emb must be ({tokens.shape[0]}, E), got {tuple(text_emb.shape)}")
+    with torch.autocast(tokens.device.type, enabled=False):
+        img = model.encode_image(tokens, mask, normalize=True)
+        return (img.float() * F.normalize(text_emb.float(), dim=-1)).sum(-1)
 
 
 class SemanticallyAlignedDecoding:
@@ -73,8 +89,8 @@ class SemanticallyAlignedDecoding:
 
     def __init__(self, model, config: SamplerConfig = SamplerConfig(), num_candidates: int = 5,
                  threshold: Union[int, float] = 8, variant: str = "once", batched: bool = True):
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
         if variant not in ("once", "per-step"):
             raise ValueError(f"unknown SAD variant {variant!r} (once | per-step)")
         self.sampler = MARSampler(model, config)
@@ -89,7 +105,20 @@ class SemanticallyAlignedDecoding:
                *, text_padding_mask=None, null_padding_mask=None, orders=None,
                generator: Optional[torch.Generator] = None, noise_fn: Optional[Callable] = None,
                progress: bool = False) -> SADOutput:
+        """Generate one image per prompt with SAD.
+
+        Args:
+            text_feats: (B, Lt, D) prompt features; clip_ids: (B, ctx) prompt ids for the critic;
+            null_feats: (1 or B, Lt, D) null-prompt features (CFG). orders: (B, L) generation orders
+            shared by the K candidates (drawn with ``generator`` when None).
+            noise_fn: replays diffusion noise (see :class:`MARSampler`); batched runs ask for the K
+            candidates' noise at once, rows candidate-major, CFG halves [cond of all k; uncond of all k].
+        Returns:
+            :class:`SADOutput` (tokens (B, L, C), scores (K, B), best (B,), tau).
+        """
         s, K, tau = self.sampler, self.K, self.tau
+        if text_feats.dim() != 3 or text_feats.shape[0] == 0:
+            raise ValueError(f"text_feats must be a non-empty (B, Lt, D) batch, got {tuple(text_feats.shape)}")
         B = text_feats.shape[0]
         if clip_ids.shape[0] != B:
             raise ValueError(f"clip_ids has {clip_ids.shape[0]} rows for {B} prompts")
@@ -135,23 +164,43 @@ def best_of_k(sampler: MARSampler, text_feats: torch.Tensor, clip_ids: Optional[
               null_feats: Optional[torch.Tensor] = None, *, k: int = 5,
               scorer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
               generator: Optional[torch.Generator] = None, progress: bool = False) -> SADOutput:
-    """Decode K full samples per prompt in one batch and keep the best.
+    """Decode K full samples per prompt in one batch and keep the best (the reranking baseline).
 
-    ``scorer(tokens (K*B, L, C)) -> (K*B,)`` scores finished candidates (rows candidate-major); by
-    default DREAM's own score (cosine of image and prompt embeddings, needs ``clip_ids``)."""
+    Each candidate is an independent decode (its own generation order and noise), as K separate
+    calls of the sampler would be.
+
+    Args:
+        sampler: a :class:`MARSampler`. text_feats: (B, Lt, D); clip_ids: (B, ctx) prompt ids for
+            DREAM's own score; null_feats: (1 or B, Lt, D) for CFG.
+        k: candidates per prompt. scorer: ``scorer(tokens (K*B, L, C)) -> (K*B,)`` scores finished
+            candidates (rows candidate-major: row k * B + b); default DREAM's own score (cosine of the
+            image and prompt embeddings, needs ``clip_ids``).
+    Returns:
+        :class:`SADOutput` with the best tokens (B, L, C), all scores (K, B) and the argmax (B,)
+        (first index on ties); ``threshold`` is ``num_iter``.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if text_feats.dim() != 3 or text_feats.shape[0] == 0:
+        raise ValueError(f"text_feats must be a non-empty (B, Lt, D) batch, got {tuple(text_feats.shape)}")
     B = text_feats.shape[0]
-    st = sampler.init_state(text_feats, null_feats, generator=generator).repeat(k)
+    if scorer is None and clip_ids is None:
+        raise ValueError("best_of_k needs clip_ids for DREAM's own score, or a scorer callable")
+    if clip_ids is not None and clip_ids.shape[0] != B:
+        raise ValueError(f"clip_ids has {clip_ids.shape[0]} rows for {B} prompts")
+    # K independent decodes (own generation order each) as one batch, rows candidate-major (k, b)
+    rep = (lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1))))
+    null = null_feats if null_feats is None or null_feats.shape[0] == 1 else rep(null_feats)
+    st = sampler.init_state(rep(text_feats), null, generator=generator)
     sampler.run(st, generator=generator, progress=progress)
     if scorer is None:
-        if clip_ids is None:
-            raise ValueError("best_of_k needs clip_ids for DREAM's own score, or a scorer callable")
         text_emb = sampler.model.encode_text(clip_ids, normalize=True).repeat(k, 1)
         scores = critic_scores(sampler.model, st.tokens, None, text_emb)
     else:
-        scores = scorer(st.tokens)
-    scores = scores.view(k, B)
+        scores = torch.as_tensor(scorer(st.tokens))
+        if scores.shape != (k * B,):
+            raise ValueError(f"scorer must return ({k * B},) scores, got {tuple(scores.shape)}")
+    scores = scores.to(st.tokens.device).view(k, B)
     best = scores.argmax(0)
     return SADOutput(st.tokens[best * B + torch.arange(B, device=best.device)], scores, best,
                      sampler.config.num_iter)
