@@ -72,7 +72,7 @@ def test_checkpoint_write_killed_midway_keeps_previous(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-def _ddp_worker(rank, world, port, batch, out_dir):
+def _ddp_worker(rank, world, port, batch, out_dir, fsdp=False):
     import torch.distributed as dist
 
     from dream.train.distributed import convert_batchnorm
@@ -85,7 +85,12 @@ def _ddp_worker(rank, world, port, batch, out_dir):
         for p in model.diffloss.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     convert_batchnorm(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    if fsdp:
+        from dream.train.distributed import shard_fsdp
+
+        ddp = shard_fsdp(model)
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
     sl = slice(rank * batch, (rank + 1) * batch)
     mul, L = model.config.diffusion_batch_mul, model.config.seq_len
     t = torch.load(os.path.join(out_dir, "inputs.pt"))
@@ -93,9 +98,16 @@ def _ddp_worker(rank, world, port, batch, out_dir):
               diff_t=t["diff_t"].view(mul, -1, L)[:, sl].reshape(-1),
               diff_noise=t["diff_noise"].view(mul, -1, L, t["tokens"].shape[-1])[:, sl].reshape(-1, t["tokens"].shape[-1]))
     out["loss"].backward()
+    grads = {}
+    if fsdp:
+        from dream.train.distributed import sync_replicated_grads
+
+        sync_replicated_grads(model)
+    for n, p in model.named_parameters():
+        g = p.grad
+        grads[n] = g.full_tensor() if hasattr(g, "full_tensor") else g.clone()
     if rank == 0:
-        torch.save({"loss": out["loss"].detach(), "clip": out["clip_loss"].detach(),
-                    "grads": {n: p.grad.clone() for n, p in model.named_parameters()}},
+        torch.save({"loss": out["loss"].detach(), "clip": out["clip_loss"].detach(), "grads": grads},
                    os.path.join(out_dir, "ddp.pt"))
     losses = [torch.zeros(()) for _ in range(world)]
     dist.all_gather(losses, out["loss"].detach())
@@ -104,7 +116,8 @@ def _ddp_worker(rank, world, port, batch, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path, fsdp):
     import socket
 
     import torch.multiprocessing as mp
@@ -133,7 +146,7 @@ def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, B, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, B, str(tmp_path), fsdp), nprocs=2, join=True)
     # single process on the concatenated batch (BN in train mode uses the full-batch statistics)
     out = model(inputs["tokens"], inputs["ids"], inputs["feats"], inputs["mask"], diff_t=inputs["diff_t"],
                 diff_noise=inputs["diff_noise"])

@@ -99,3 +99,26 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
 
 
 _ = F  # keep the functional import for subclasses
+
+
+def shard_fsdp(model: nn.Module, mp_policy=None) -> nn.Module:
+    """Shard a DREAM model with FSDP2 (``torch.distributed.fsdp.fully_shard``) for the large sizes.
+
+    Every transformer block (encoder, decoder, text aligner, CLIP tower) becomes its own FSDP unit, then the
+    root. The 0-dim ``logit_scale`` (official shape ``[]``, which FSDP2 cannot shard) stays replicated: call
+    :func:`sync_replicated_grads` after ``backward``. Works with NCCL on GPU and gloo on CPU (tested)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for blocks in (model.encoder_blocks, model.decoder_blocks, model.text_aligner, model.transformer.resblocks):
+        for blk in blocks:
+            fully_shard(blk, **kw)
+    fully_shard(model, ignored_params={model.logit_scale}, **kw)
+    return model
+
+
+def sync_replicated_grads(model: nn.Module) -> None:
+    """Average the gradients of the parameters FSDP leaves replicated (``logit_scale``) over ranks."""
+    if is_distributed() and model.logit_scale.grad is not None:
+        dist.all_reduce(model.logit_scale.grad)
+        model.logit_scale.grad /= world_size()
