@@ -48,8 +48,8 @@ class DreamPipeline:
         from dream.models.registry import _PRETRAINED
         from dream.models.vae import create_tokenizer
 
-        folder = _PRETRAINED.get(str(name_or_path), Path(name_or_path))
-        folder = Path(folder)
+        shipped = _PRETRAINED.get(str(name_or_path))
+        folder = Path(shipped).parent if shipped is not None else Path(name_or_path)
         if not folder.exists():
             raise FileNotFoundError(f"pipeline folder not found: {folder}")
         meta = json.loads((folder / PIPELINE_FILE).read_text()) if (folder / PIPELINE_FILE).exists() else {}

@@ -21,7 +21,7 @@ from .config import DreamConfig
 _REGISTRY: dict[str, Callable[[], DreamConfig]] = {}
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # tag -> folder (inside the package) holding model.safetensors + config.json
-_PRETRAINED: dict[str, Path] = {"dream_tiny.shapes": ASSETS / "dream_tiny_shapes"}
+_PRETRAINED: dict[str, Path] = {"dream_tiny.shapes": ASSETS / "dream_tiny_shapes" / "model"}
 
 
 def register_model(fn: Callable[[], DreamConfig]) -> Callable[[], DreamConfig]:
