@@ -23,7 +23,7 @@ import torch
 def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--minutes", type=float, default=3.0, help="training budget of the from-scratch run (b)")
-    p.add_argument("--num-prompts", type=int, default=48, help="held-out prompts per generation evaluation")
+    p.add_argument("--num-prompts", type=int, default=32, help="held-out prompts per generation evaluation")
     p.add_argument("--num-real", type=int, default=256, help="real held-out images for retrieval / FID / probe")
     p.add_argument("--num-iter", type=int, default=16, help="AR steps of the sampler")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the checkpoint's)")
@@ -105,7 +105,7 @@ class ShapesBench:
         for name, kw in (("plain", {}), ("sad", {"sad": sad})):
             t0 = time.time()
             imgs = pipe.generate(caps, num_iter=num_iter, cfg=cfg, temperature=temperature, seed=seed,
-                                 batch_size=len(caps), **kw)
+                                 batch_size=len(caps), progress=True, **kw)
             dt = time.time() - t0
             sc = self.verifier.score(imgs, specs, details=False)
             out[name] = {"seconds_per_image": dt / len(caps),
@@ -182,7 +182,11 @@ def run(args) -> int:
 
         print(f"[demo] training a fresh dream_tiny for {args.minutes:g} min ...", flush=True)
         tcfg = TrainConfig.load(Path(__file__).resolve().parent / "assets" / "dream_tiny_shapes" / "train_config.yaml")
-        tcfg = tcfg.replace(minutes=args.minutes, steps=10 ** 6, ckpt_every=0, sample_every=0, log_every=10,
+        # Masking Warmup progress is measured in steps: size the schedule to what the budget can run
+        # (~1 step/s for dream_tiny at batch 64 on 2 CPU cores), so the warmup completes within the budget.
+        est_steps = max(20, int(args.minutes * 60))
+        tcfg = tcfg.replace(minutes=args.minutes, steps=est_steps, steps_per_epoch=max(1, est_steps // 48),
+                            ckpt_every=0, sample_every=0, log_every=10,
                             sample_prompts=(), lr_schedule="constant", warmup_steps=50,
                             **({"text_encoder": args.text_encoder} if args.text_encoder else {}))
         trainer = Trainer(tcfg, out / "fresh")
