@@ -15,12 +15,17 @@ Reports images/s, s/image, the SAD / best-of-5 throughput ratio (target >= 3x at
 3.31x bf16), the SAD batched / sequential ratio (target >= 1.5x) and the machine-independent cost
 ``s/image x same-run GEMM peak (TFLOP/s)`` (official, bf16 peak: plain 1.73, SAD tau=8 2.62, best-of-5 8.66).
 
-``--verifier [CHECKPOINT]`` additionally measures compositional accuracy (ShapesWorld verifier of
-``dream.eval.compositional``) per method with a trained pixel-space checkpoint (default ``dream_tiny.shapes``)
-and ShapesWorld test prompts; if anything needed is missing it prints why it is unavailable.
+``--verifier [PIPELINE]`` additionally measures compositional accuracy (ShapesWorld verifier of
+``dream.eval.compositional``, DSG-scored) per method with a trained pipeline (default the shipped
+``dream_tiny.shapes``) on ShapesWorld test prompts, through ``DreamPipeline.generate`` (the pipeline's text
+encoder and ``num_iter``; tau scaled to it); if anything needed is missing it prints why it is unavailable.
 
     python benchmarks/bench_sad.py --threads 1 --repeats 3
     python benchmarks/bench_sad.py --taus 8 --repeats 1 --num-iter 16       # quick look
+
+On a CPU shared with other processes use ``--threads 1`` or ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP's default
+spin-waiting made 2-thread sampling ~20x slower on a loaded 2-core machine). Ratios are reported from wall
+time and from process CPU time (``*_cpu``, robust to other load).
 """
 from __future__ import annotations
 
@@ -66,40 +71,51 @@ def make_run(model, sc, name, tau, batched, inputs, K):
 
 
 def verifier_accuracy(args, K):
-    """Compositional accuracy per method with a trained checkpoint, or the reason it is unavailable."""
+    """Compositional accuracy per method with a trained pipeline (``dream_tiny.shapes`` or a pipeline folder)
+    on ShapesWorld test prompts, or the reason it is unavailable. Uses the pipeline's own text encoder,
+    sampling length (``num_iter`` from its pipeline.json, else ``--num-iter``; tau scaled to it) and decoding."""
     try:
-        import dream
+        import json
+
         from dream.data.shapes import ShapesConfig, ShapesWorld
         from dream.eval.compositional import Verifier
-        from dream.sampling import SamplerConfig
-        from dream.text.inputs import TextInputs
+        from dream.models.registry import _PRETRAINED
+        from dream.pipeline import DreamPipeline
     except Exception as e:  # noqa: BLE001 - report, do not fail the speed benchmark
         return None, f"imports failed: {type(e).__name__}: {e}"
     try:
-        ck = args.verifier
-        model = dream.create_model(ck, pretrained=True if "." in ck and not Path(ck).exists() else ck).eval()
+        pipe = DreamPipeline.from_pretrained(args.verifier, text_encoder=args.text_encoder)
     except Exception as e:  # noqa: BLE001
-        return None, f"no trained checkpoint {args.verifier!r}: {type(e).__name__}: {e}"
-    c = model.config
-    if c.vae_stride != 1:
-        return None, "the checkpoint is latent-space (needs a VAE decode); the verifier hook supports pixel models"
+        return None, f"no trained pipeline {args.verifier!r}: {type(e).__name__}: {e}"
+    shipped = _PRETRAINED.get(args.verifier)
+    folder = Path(shipped).parent if shipped is not None else Path(args.verifier)
+    meta = json.loads((folder / "pipeline.json").read_text()) if (folder / "pipeline.json").exists() else {}
+    num_iter = int(meta.get("num_iter", args.num_iter))
+    size = pipe.model.config.img_size
     try:
-        prompts = ShapesWorld(ShapesConfig(image_size=c.img_size)).random_prompt_specs(args.verifier_prompts, "test")
-        ti = TextInputs(args.text_encoder, c.text_embed_dim, c.text_max_len, c.clip_context_length)
-        caps = [p.caption for p in prompts]
-        feats, _ = ti.features(caps)
-        inputs = {"text_feats": feats, "null_feats": ti.null(1)[0], "clip_ids": ti.clip_ids(caps)}
-        sc = SamplerConfig(num_iter=args.num_iter, cfg=args.cfg, precision=args.precision)
-        ver = Verifier(ShapesConfig(image_size=c.img_size))
-        acc = {}
-        for name, tau, batched in [m for m in methods(args) if "sequential" not in m[0]]:
-            toks = make_run(model, sc, name, tau, batched, inputs, K)(torch.Generator().manual_seed(args.seed))
-            res = ver.score(model.unpatchify(toks).clamp(-1, 1), [p.spec for p in prompts], details=False)
-            acc[name] = {"prompt_accuracy": res["prompt_accuracy"], "question_accuracy": res["question_accuracy"],
-                         "dsg_score": res["dsg_score"], "per_type": res["accuracy"]}
+        prompts = ShapesWorld(ShapesConfig(image_size=size)).random_prompt_specs(args.verifier_prompts, "test")
+        caps, specs = [p.caption for p in prompts], [p.spec for p in prompts]
+        ver = Verifier(ShapesConfig(image_size=size))
+        runs = [("plain", {})] + [(f"sad-tau{t}", {"sad": (K, max(1, min(num_iter - 1, round(t * num_iter / args.num_iter))))})
+                                  for t in args.taus] + [(f"best-of-{K}", {"rerank": K})]
+        acc = {"num_iter": num_iter, "prompts": len(caps), "text_encoder": pipe.text_encoder_spec}
+        for name, kw in runs:
+            t0 = time.perf_counter()
+            images = pipe.generate(caps, num_iter=num_iter, cfg=args.cfg, seed=args.seed, batch_size=args.batch,
+                                   autocast=torch.bfloat16 if args.precision == "bf16" else None, **kw)
+            res = ver.score(images, specs, details=False)
+            acc[name] = {"tau_steps": kw.get("sad", (None, None))[1], "prompt_accuracy": res["prompt_accuracy"],
+                         "question_accuracy": res["question_accuracy"], "dsg_score": res["dsg_score"],
+                         "per_type": res["accuracy"], "s_per_image": (time.perf_counter() - t0) / len(caps)}
         return acc, None
     except Exception as e:  # noqa: BLE001
         return None, f"evaluation failed: {type(e).__name__}: {e}"
+
+
+def json_dumps(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=float)
 
 
 def main(argv=None) -> int:
@@ -117,9 +133,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-repeats", type=int, default=5)
     p.add_argument("--verifier", nargs="?", const="dream_tiny.shapes", default=None,
-                   help="measure compositional accuracy with this trained checkpoint (default dream_tiny.shapes)")
-    p.add_argument("--text-encoder", default="minilm", help="text-encoder spec for --verifier prompts")
+                   help="measure compositional accuracy with this trained pipeline (default dream_tiny.shapes)")
+    p.add_argument("--text-encoder", default=None, help="override the pipeline's text encoder for --verifier")
     p.add_argument("--verifier-prompts", type=int, default=64)
+    p.add_argument("--verifier-only", action="store_true",
+                   help="skip the timing; write the accuracies to results/bench_sad_verifier.json")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/bench_sad.json)")
     args = p.parse_args(argv)
     if args.threads:
@@ -128,6 +146,15 @@ def main(argv=None) -> int:
     from dream.sampling import SamplerConfig
 
     K = args.candidates
+    if args.verifier_only:
+        args.verifier = args.verifier or "dream_tiny.shapes"
+        acc, why = verifier_accuracy(args, K)
+        print(f"compositional accuracy: unavailable ({why})" if acc is None else json_dumps(acc))
+        out = write_results("bench_sad_verifier", dict(
+            args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            verifier=acc if acc is not None else {"unavailable": why}), args.out)
+        print(f"wrote {out}")
+        return 0 if acc is not None else 1
     peaks = [measure_peaks(args.peak_repeats)]
     print(f"GEMM peak (start): fp32 {peaks[0]['fp32_tflops'] * 1e3:.1f} GFLOP/s, bf16 "
           f"{peaks[0]['bf16_tflops'] * 1e3:.1f} GFLOP/s, threads {torch.get_num_threads()}")
@@ -191,15 +218,21 @@ def main(argv=None) -> int:
             verifier = {"unavailable": why}
         else:
             verifier = acc
+            print(f"compositional accuracy ({acc['prompts']} ShapesWorld test prompts, {acc['num_iter']} iterations, "
+                  f"text encoder {acc['text_encoder']}):")
             for name, a in acc.items():
-                print(f"compositional accuracy {name:12s}: prompts {a['prompt_accuracy']:.3f}, "
-                      f"questions {a['question_accuracy']:.3f}")
+                if isinstance(a, dict):
+                    print(f"  {name:12s} tau {a['tau_steps']}: prompts {a['prompt_accuracy']:.3f}, questions "
+                          f"{a['question_accuracy']:.3f}, DSG {a['dsg_score']:.3f} ({a['s_per_image']:.2f} s/image)")
     else:
-        print("compositional accuracy: not requested (--verifier [CHECKPOINT])")
+        print("compositional accuracy: not requested (--verifier [PIPELINE])")
     out = write_results("bench_sad", dict(
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, peaks=peaks,
         fp32_peak_tflops=fp32_peak, bf16_peak_tflops=bf16_peak, official=OFFICIAL, rows=rows, ratios=ratios,
-        verifier=verifier), args.out)
+        verifier=verifier, notes=[
+            "s_per_image = median wall seconds per batch / batch; cpu_s_per_image = process CPU time",
+            *(["bf16 GEMMs are slower than fp32 on this CPU (no AMX): 's x bf16 peak' is not comparable with the "
+               "official AMX machine"] if bf16_peak < fp32_peak else [])]), args.out)
     print(f"wrote {out}")
     return 0
 

@@ -20,19 +20,27 @@ reported. Costs are also normalised by the same-run GEMM peak (2048^3 matmul, me
 at the start and the end): ``s/image x TFLOP/s``. Official reference (same protocol, idle 2-vCPU AMX
 machine, bf16 peak 2.05 TFLOP/s): plain bf16 0.843 s/image -> 1.73, fp32 1.168 s/image x 0.32 -> 0.37.
 
-    python benchmarks/bench_sampling.py                                  # everything (slow on 2 cores)
+    python benchmarks/bench_sampling.py --threads 1                      # everything (slow on 2 cores)
     python benchmarks/bench_sampling.py --configs reference --modes fp32 bf16 --repeats 3
+
+On a CPU shared with other processes use ``--threads 1`` or ``OMP_WAIT_POLICY=PASSIVE``: with OpenMP's
+default spin-waiting, 2 threads on a loaded 2-core machine made sampling ~20x slower. Compiled rows start
+from cold caches (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` unless ``--compile-cache``), so their warm-up
+column includes the full compilation time.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+if "--compile-cache" not in sys.argv:  # before torch is imported: compile rows measure cold compilation
+    os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (build_model, fmt_table, measure_peaks, reference_config, reference_inputs,  # noqa: E402
@@ -134,6 +142,17 @@ def bench_one(model, spec, mode, method, inputs, args):
     return out, warm_s, times, cpu
 
 
+def notes(fp32_peak: float, bf16_peak: float, args) -> list[str]:
+    out = ["s_per_image = median wall seconds per batch / batch; cpu_s_per_image = process CPU time (robust to "
+           "other load on a shared machine); speedups use both."]
+    if bf16_peak < fp32_peak:
+        out.append("bf16 GEMMs are slower than fp32 on this CPU (no AMX), so bf16 autocast cannot speed sampling "
+                   "up here and 's x bf16 peak' is not comparable with the official AMX machine.")
+    if not args.compile_cache:
+        out.append("compiled rows: warm-up includes cold compilation (inductor caches disabled)")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["reference", "dream_tiny", "b_width"],
@@ -146,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override the prompts per batch of every config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-repeats", type=int, default=5)
+    p.add_argument("--compile-cache", action="store_true", help="allow torch.compile's on-disk caches")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/bench_sampling.json)")
     args = p.parse_args(argv)
     if args.threads:
@@ -222,7 +242,8 @@ def main(argv=None) -> int:
               f"{v['max_abs_fp32']:.3e}, relative {v['rel']:.2e})")
     out = write_results("bench_sampling", dict(
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, peaks=peaks,
-        fp32_peak_tflops=fp32_peak, bf16_peak_tflops=bf16_peak, official=OFFICIAL, rows=rows, token_diffs=diffs),
+        fp32_peak_tflops=fp32_peak, bf16_peak_tflops=bf16_peak, official=OFFICIAL, rows=rows, token_diffs=diffs,
+        notes=notes(fp32_peak, bf16_peak, args)),
         args.out)
     print(f"wrote {out}")
     return 0

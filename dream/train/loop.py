@@ -284,7 +284,8 @@ class Trainer:
         while self.step < cfg.steps:
             stats = self.train_step()
             images_since += cfg.batch_size * cfg.grad_accum * self.world
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            out_of_time = deadline is not None and time.time() >= deadline
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps or out_of_time:
                 now = time.time()
                 stats.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
                              epoch=self.step / self.steps_per_epoch,
@@ -303,7 +304,7 @@ class Trainer:
                 self.save()
             if cfg.sample_every and self.step % cfg.sample_every == 0 and D.is_main():
                 self.write_samples()
-            if deadline is not None and time.time() >= deadline:
+            if out_of_time:
                 stopped_early = True
                 break
         bar.close()
