@@ -11,3 +11,5 @@ from .sad import resolve_threshold as resolve_threshold
 from .schedules import cfg_at as cfg_at
 from .schedules import mask_len_after as mask_len_after
 from .schedules import reveal_counts as reveal_counts
+from .diffusion_sampler import intra_op_threads as intra_op_threads
+from .mar import decode_rows as decode_rows
