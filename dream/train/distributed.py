@@ -13,7 +13,6 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def is_distributed() -> bool:
@@ -97,8 +96,6 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
             convert_batchnorm(child)
     return module
 
-
-_ = F  # keep the functional import for subclasses
 
 
 def shard_fsdp(model: nn.Module, mp_policy=None) -> nn.Module:

@@ -78,7 +78,7 @@ class ShapesBatches:
         from dream.data.shapes import ShapesConfig, ShapesWorld
 
         d = {"image_size": image_size, **overrides}
-        self.world = ShapesWorld(ShapesConfig.from_dict(d) if hasattr(ShapesConfig, "from_dict") else ShapesConfig(**d))
+        self.world = ShapesWorld(ShapesConfig.from_dict(d))
         self.batch, self.accum, self.rank, self.nproc, self.seed = batch, accum, rank, world, seed
 
     def get(self, step: int, micro: int) -> dict:
