@@ -181,3 +181,14 @@ def test_dream_train_cli_on_tiny_shards_end_to_end(tmp_path):
     assert m.config.img_size == 32
     ck = load_checkpoint(tmp_path / "run")  # weights_only load of the full training state
     assert ck["step"] == 3 and "optimizer" in ck and "rng_gen" in ck
+
+
+def test_shapes_workers_render_the_same_batches_in_order_and_after_a_jump():
+    from dream.train.loop import ShapesBatches
+
+    plain = ShapesBatches({}, 32, 3, 2, 0, 1, 0)
+    ahead = ShapesBatches({}, 32, 3, 2, 0, 1, 0, num_workers=2)
+    for step, micro in [(0, 0), (0, 1), (1, 0), (5, 1), (6, 0)]:  # (5, 1) is out of sequence: workers restart
+        a, b = plain.get(step, micro), ahead.get(step, micro)
+        assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"], (step, micro)
+    assert not torch.equal(plain.get(0, 0)["image"], plain.get(0, 1)["image"])

@@ -388,6 +388,7 @@ def validate_spec(spec: dict, config: ShapesConfig | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+_MAX_SPECS = 5         # scene specs drawn for one index before the layout error is raised
 _MAX_ATTEMPTS = 60      # full placement attempts before giving up (sizes shrink every 15 attempts)
 
 
@@ -436,8 +437,14 @@ class ShapesWorld:
         base = self.config.base_seed if seed is None else int(seed)
         s = seed_for(base, split, int(index))
         rng = _Draws(torch.Generator().manual_seed(s))
-        spec = self._sample_spec(rng, split)
-        objects = self._layout(spec, rng)
+        for tries in range(_MAX_SPECS):
+            spec = self._sample_spec(rng, split)
+            try:
+                objects = self._layout(spec, rng)
+                break
+            except RuntimeError:  # a rare unlucky layout (e.g. a relation between two large objects): draw again,
+                if tries == _MAX_SPECS - 1:  # from the same stream, so the sample stays a function of its index
+                    raise
         caption = self.prompt_from_spec(spec, generator=rng)
         return {"index": int(index), "split": split, "seed": s, "image_size": self.config.image_size,
                 "background": list(self.config.background), "caption": caption, "spec": spec,

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from dream.utils import rng
+
 NoiseFn = Callable[[tuple], torch.Tensor]
 
 
@@ -229,7 +231,7 @@ class GaussianDiffusion:
             out = net(x, self.model_timesteps(t), **net_kwargs)
             mean, log_var, _, _ = self.p_mean_variance(out, x, t)
             z = noise_fn(tuple(x.shape)) if noise_fn is not None else \
-                torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                rng.randn(x.shape, generator, x.device, x.dtype)
             if i > 0:
                 x = mean + torch.exp(0.5 * log_var) * z * temperature
             else:
@@ -255,7 +257,7 @@ class GaussianDiffusion:
             mean = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
             if i > 0 and eta > 0:
                 z = noise_fn(tuple(x.shape)) if noise_fn is not None else \
-                    torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    rng.randn(x.shape, generator, x.device, x.dtype)
                 x = mean + sigma * z * temperature
             else:
                 x = mean

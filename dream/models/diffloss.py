@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dream.diffusion import GaussianDiffusion, create_diffusion
+from dream.utils import rng
 
 
 def modulate(x, shift, scale):
@@ -171,9 +172,9 @@ class DiffLoss(nn.Module):
         """
         n = target.shape[0]
         if t is None:
-            t = torch.randint(0, self.train_diffusion.num_timesteps, (n,), device=target.device, generator=generator)
+            t = rng.randint(self.train_diffusion.num_timesteps, (n,), generator, target.device)
         if noise is None:
-            noise = torch.randn(target.shape, device=target.device, dtype=target.dtype, generator=generator)
+            noise = rng.randn(target.shape, generator, target.device, target.dtype)
         terms = self.train_diffusion.training_losses(self.net, target, t, noise, c=z)
         loss = terms["loss"]
         if weight is None:

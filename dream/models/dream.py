@@ -71,6 +71,8 @@ class DREAM(nn.Module):
         self.text_aligner = nn.ModuleList([
             Block(Dd, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.attn_dropout, cfg.proj_dropout, be)
             for _ in range(cfg.text_aligner_depth)])
+        if cfg.text_aligner_norm:  # not official; see DreamConfig.text_aligner_norm
+            self.text_aligner_norm = LayerNorm6(Dd)
 
         # ---- contrastive head: CLIP text tower + image projection ----
         self.token_embedding = nn.Embedding(cfg.clip_vocab_size, cfg.clip_width)
@@ -219,7 +221,8 @@ class DREAM(nn.Module):
 
     def forward_text_aligner(self, text_feats: torch.Tensor,
                              text_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Frozen-encoder features (B, Lt, Dt) -> conditioning y (B, Lt, Dd). No final norm (official)."""
+        """Frozen-encoder features (B, Lt, Dt) -> conditioning y (B, Lt, Dd). No final norm (official) unless
+        ``config.text_aligner_norm``."""
         cfg = self.config
         if text_feats.dim() != 3 or text_feats.shape[-1] != cfg.text_embed_dim:
             raise ValueError(f"text features must have shape (B, Lt, {cfg.text_embed_dim}), "
@@ -228,8 +231,8 @@ class DREAM(nn.Module):
             raise ValueError(f"text features have length {text_feats.shape[1]} > text_max_len {cfg.text_max_len}")
         y = self.text_proj(text_feats) + self.text_pos_emb[:, : text_feats.shape[1]]
         y = self.text_proj_ln(y)
-        return run_blocks(self.text_aligner, y, key_padding_mask=text_padding_mask,
-                          checkpointing=cfg.grad_checkpointing)
+        y = run_blocks(self.text_aligner, y, key_padding_mask=text_padding_mask, checkpointing=cfg.grad_checkpointing)
+        return self.text_aligner_norm(y) if cfg.text_aligner_norm else y
 
     # ------------------------------------------------------------------------------------------
     # decoder

@@ -68,14 +68,16 @@ def dream_test() -> DreamConfig:
 @register_model
 def dream_tiny() -> DreamConfig:
     """CPU-scale model for 32x32 ShapesWorld: 4x4 pixel patches (64 tokens of 48 dims), width 192,
-    4 + 4 layers, MiniLM (384-d) text features, a 2-layer CLIP text tower of width 48 (bf16 weights <= 20 MB)."""
+    4 + 4 layers, MiniLM (384-d) text features, a 2-layer CLIP text tower of width 48 (bf16 weights <= 20 MB).
+    Not official: a final LayerNorm on the text aligner (``text_aligner_norm``), without which y grows until the
+    decoder collapses."""
     return DreamConfig(img_size=32, vae_stride=1, patch_size=4, vae_embed_dim=3, buffer_size=16,
                        encoder_embed_dim=192, encoder_depth=4, encoder_num_heads=3,
                        decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3,
                        text_embed_dim=384, text_max_len=32, text_aligner_depth=2,
                        clip_context_length=32, clip_width=48, clip_heads=2, clip_layers=2,
                        embed_dim=128, proj_hidden_dim=256, diffloss_depth=3, diffloss_width=256,
-                       num_sampling_steps="50")
+                       num_sampling_steps="50", text_aligner_norm=True)
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:

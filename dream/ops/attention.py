@@ -5,7 +5,9 @@ Backends:
     ``sdpa``   ``torch.nn.functional.scaled_dot_product_attention``.
     ``triton`` the fused flash-attention kernel in ``dream.kernels`` (CUDA, or the CPU
                interpreter when ``TRITON_INTERPRET=1``).
-    ``auto``   ``triton`` on CUDA for supported dtype/shape/mask, ``sdpa`` otherwise.
+    ``auto``   ``sdpa``; ``triton`` on CUDA for supported dtype/shape/mask only when the environment sets
+               ``DREAM_AUTO_TRITON=1``. Measured on an H100 (benchmarks/results/bench_attention_cuda.json)
+               our kernel runs at 0.13-0.46x SDPA's speed at DREAM's shapes, so auto does not pick it.
 
 Shapes: q (B, H, Nq, Dh), k/v (B, H, Nk, Dh). ``key_padding_mask`` is ``bool`` (B, Nk) with
 ``True`` = padded key (excluded), following the library-wide "True = masked" convention.
@@ -89,7 +91,7 @@ def resolve_backend(requested: str, q: torch.Tensor, k: torch.Tensor, dropout_p:
             raise RuntimeError(f"attention backend 'triton' was requested but cannot run: {why}")
         return "triton"
     if requested == "auto":
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and os.environ.get("DREAM_AUTO_TRITON") == "1":
             why = triton_unsupported_reason(q, k, dropout_p)
             if why is None:
                 _log_once("attention backend: auto -> triton")

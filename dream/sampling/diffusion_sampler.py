@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from dream.diffusion import GaussianDiffusion, create_diffusion
+from dream.utils import rng
 
 NoiseFn = Callable[[tuple], torch.Tensor]
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
@@ -281,7 +282,7 @@ class TokenDiffusionSampler:
         def draw(shape):
             if noise_fn is not None:
                 return noise_fn(shape).to(device=dev, dtype=torch.float32)
-            return torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+            return rng.randn(shape, generator, dev)
 
         amp = torch.is_autocast_enabled(dev.type)
         cd = torch.get_autocast_dtype(dev.type) if amp else torch.float32

@@ -35,7 +35,7 @@ class FrozenRandomTextEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, texts: Sequence[str]):
-        ids = self.tok(list(texts), context_length=self.max_length)
+        ids = self.tok(list(texts), context_length=self.max_length).to(self.emb.device)
         feats = self.emb[ids] + self.pe[None]
         return feats, ids == 0
 
@@ -63,7 +63,7 @@ class TextInputs:
         self.clip_context_length = clip_context_length
         self.use_padding_mask = use_padding_mask
         if spec == "random":
-            enc = FrozenRandomTextEncoder(text_dim, text_max_len)
+            enc = FrozenRandomTextEncoder(text_dim, text_max_len).to(self.device)
         else:
             from dream.text import HFTextEncoder, text_conditioner_from_name
 
@@ -79,24 +79,45 @@ class TextInputs:
         if dim != text_dim:
             raise ValueError(f"text encoder {spec!r} gives {dim}-d features but the model expects {text_dim}")
         self.encoder = enc
-        self._cache: dict[str, tuple] = {}
+        # The random encoder is a table lookup on the device: cheaper than any cache. Other encoders are memoised:
+        # caption -> row of a feature bank, so a batch is one gather instead of B small copies.
+        self._direct = spec == "random"
+        self._rows: dict[str, int] = {}
+        self._bank_feats: Optional[torch.Tensor] = None
+        self._bank_pad: Optional[torch.Tensor] = None
         self._cache_max = cache
         self.null_feats, self.null_pad = self._encode([""])
 
     def _encode(self, texts: Sequence[str]):
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if self._direct:
+            feats, pad = self.encoder(list(texts))
+            return feats.float().to(self.device), pad.to(self.device)
+        todo = [t for t in dict.fromkeys(texts) if t not in self._rows]
         if todo:
-            feats, pad = self.encoder(todo)
-            if pad is None:  # encoder run without a padding mask (official default)
-                pad = torch.zeros(feats.shape[:2], dtype=torch.bool)
-            feats, pad = feats.float().cpu(), pad.cpu()
-            if len(self._cache) + len(todo) > self._cache_max:
-                self._cache.clear()
-            for i, t in enumerate(todo):
-                self._cache[t] = (feats[i], pad[i])
-        feats = torch.stack([self._cache[t][0] for t in texts]).to(self.device)
-        pad = torch.stack([self._cache[t][1] for t in texts]).to(self.device)
-        return feats, pad
+            if len(self._rows) + len(todo) > self._cache_max:  # full: start again (keeps memory bounded)
+                self._rows.clear()
+                todo = list(dict.fromkeys(texts))
+            self._store(todo)
+        idx = torch.tensor([self._rows[t] for t in texts], device=self.device)
+        return self._bank_feats.index_select(0, idx), self._bank_pad.index_select(0, idx)
+
+    def _store(self, todo: list) -> None:
+        feats, pad = self.encoder(todo)
+        if pad is None:  # encoder run without a padding mask (official default)
+            pad = torch.zeros(feats.shape[:2], dtype=torch.bool)
+        feats, pad = feats.float().to(self.device), pad.to(self.device)
+        n, need = len(self._rows), len(self._rows) + len(todo)
+        if n == 0 or self._bank_feats is None:
+            self._bank_feats = feats.new_zeros((max(1024, need), *feats.shape[1:]))
+            self._bank_pad = pad.new_zeros((max(1024, need), *pad.shape[1:]))
+        elif need > self._bank_feats.shape[0]:  # grow by doubling
+            grow = max(self._bank_feats.shape[0], need - self._bank_feats.shape[0])
+            self._bank_feats = torch.cat([self._bank_feats, self._bank_feats.new_zeros((grow, *feats.shape[1:]))])
+            self._bank_pad = torch.cat([self._bank_pad, self._bank_pad.new_zeros((grow, *pad.shape[1:]))])
+        self._bank_feats[n:need] = feats
+        self._bank_pad[n:need] = pad
+        for i, t in enumerate(todo):
+            self._rows[t] = n + i
 
     def clip_ids(self, texts: Sequence[str]) -> torch.Tensor:
         return self.clip(list(texts), context_length=self.clip_context_length).to(self.device)

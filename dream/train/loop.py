@@ -7,6 +7,7 @@ a pure function of the step; for shards the loader's position is checkpointed.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -71,28 +72,68 @@ def build_masking(spec: dict, steps_per_epoch: int):
     return MaskingWarmup(MaskingWarmupConfig.from_dict(d))
 
 
-class ShapesBatches:
-    """ShapesWorld batches whose content is a pure function of (step, micro-step, rank): exact resume."""
+class _ShapesSteps(torch.utils.data.Dataset):
+    """Index ``k`` (a global micro-batch number) -> that micro-batch; a pure function, so workers can render ahead."""
 
-    def __init__(self, overrides: dict, image_size: int, batch: int, accum: int, rank: int, world: int, seed: int):
+    def __init__(self, source: "ShapesBatches"):
+        self.source = source
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+    def __getitem__(self, k: int) -> dict:
+        return self.source.render(k)
+
+
+class _From(torch.utils.data.Sampler):
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        return itertools.count(self.start)
+
+
+class ShapesBatches:
+    """ShapesWorld batches whose content is a pure function of (step, micro-step, rank): exact resume.
+
+    With ``num_workers > 0`` the batches are rendered ahead in DataLoader worker processes (same content, in
+    order); a request out of sequence (resume) restarts the workers at the requested position.
+    """
+
+    def __init__(self, overrides: dict, image_size: int, batch: int, accum: int, rank: int, world: int, seed: int,
+                 num_workers: int = 0, pin_memory: bool = False):
         from dream.data.shapes import ShapesConfig, ShapesWorld
 
         d = {"image_size": image_size, **overrides}
         self.world = ShapesWorld(ShapesConfig.from_dict(d))
         self.batch, self.accum, self.rank, self.nproc, self.seed = batch, accum, rank, world, seed
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self._it, self._next = None, None
 
-    def get(self, step: int, micro: int) -> dict:
-        first = ((step * self.accum + micro) * self.nproc + self.rank) * self.batch
+    def render(self, k: int) -> dict:
+        first = (k * self.nproc + self.rank) * self.batch
         images, captions, metas = self.world.batch(range(first, first + self.batch), "train")
         if images.dtype == torch.uint8:
             images = images.float() / 127.5 - 1.0
         return {"image": images, "caption": captions, "meta": metas}
 
+    def get(self, step: int, micro: int) -> dict:
+        k = step * self.accum + micro
+        if self.num_workers <= 0:
+            return self.render(k)
+        if self._it is None or self._next != k:
+            loader = torch.utils.data.DataLoader(_ShapesSteps(self), batch_size=None, sampler=_From(k),
+                                                 num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                                 prefetch_factor=4, persistent_workers=False)
+            self._it = iter(loader)
+        self._next = k + 1
+        return next(self._it)
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self._it = None
 
 
 class ShardBatches:
@@ -187,7 +228,8 @@ class Trainer:
                                self.mcfg.clip_context_length, self.device, cfg.use_text_padding_mask)
         if cfg.data == "shapes":
             self.data = ShapesBatches(cfg.shapes, self.mcfg.img_size, cfg.batch_size, cfg.grad_accum,
-                                      self.rank, self.world, cfg.seed)
+                                      self.rank, self.world, cfg.seed, num_workers=cfg.num_workers,
+                                      pin_memory=self.device.type == "cuda")
         else:
             self.data = ShardBatches(cfg.data, self.mcfg.img_size, cfg.batch_size, cfg, self.rank, self.world)
         self.step = 0
@@ -248,7 +290,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             out = self.fwd(tokens.float(), ids, feats, draw.mask, text_padding_mask=pad, generator=self.gen)
         self.scaler.scale(out["loss"] / cfg.grad_accum).backward()
-        return {k: float(v.detach()) for k, v in out.items()}
+        return {k: v.detach().float() if torch.is_tensor(v) else float(v) for k, v in out.items()}
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -262,15 +304,13 @@ class Trainer:
                 stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
         self.scaler.unscale_(self.opt)
         if cfg.grad_clip > 0:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).detach()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
         self.step += 1
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"non-finite loss {stats['loss']} at step {self.step}")
         return stats
 
     def fit(self) -> dict:
@@ -281,11 +321,24 @@ class Trainer:
         metrics_path = self.out / "metrics.jsonl"
         last_t, images_since = time.time(), 0
         stopped_early = False
+        window: dict = {}
+        n_window = 0
         while self.step < cfg.steps:
-            stats = self.train_step()
+            # Statistics stay on the device and are summed over the log window; reading them (one host-device
+            # sync) happens only when a line is logged, so GPU steps queue up without waiting.
+            step_stats = self.train_step()
+            for k, v in step_stats.items():
+                window[k] = window.get(k, 0.0) + v
+            n_window += 1
             images_since += cfg.batch_size * cfg.grad_accum * self.world
             out_of_time = deadline is not None and time.time() >= deadline
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps or out_of_time:
+            logging_now = self.step % cfg.log_every == 0 or self.step == cfg.steps or out_of_time
+            if logging_now or self.on_step:
+                stats = {k: float(v) / n_window for k, v in window.items()}
+                if not math.isfinite(stats["loss"]):
+                    raise FloatingPointError(f"non-finite loss {stats['loss']} at or before step {self.step}")
+            if logging_now:
+                window, n_window = {}, 0
                 now = time.time()
                 stats.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
                              epoch=self.step / self.steps_per_epoch,
@@ -299,7 +352,7 @@ class Trainer:
                                 clip=f"{stats['clip_loss']:.3f}", ips=f"{stats['images_per_s']:.0f}")
             bar.update(1)
             if self.on_step:
-                self.on_step(self.step, stats)
+                self.on_step(self.step, {k: float(v) for k, v in step_stats.items()})
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
             if cfg.sample_every and self.step % cfg.sample_every == 0 and D.is_main():
