@@ -168,7 +168,8 @@ def run(args) -> int:
     temperature = args.temperature if args.temperature is not None else meta.get("temperature", 1.0)
     cfg = args.cfg if args.cfg is not None else meta.get("cfg", 3.0)
     report["settings"].update(temperature=temperature, cfg=cfg)
-    untrained = DreamPipeline(dream.create_model("dream_tiny"), shipped.tokenizer, shipped.text_encoder_spec)
+    untrained = DreamPipeline(dream.create_model("dream_tiny"), shipped.tokenizer, shipped.text_encoder_spec,
+                              shipped.use_padding_mask)
     grids = {}
     for name, pipe in (("shipped dream_tiny.shapes", shipped), ("untrained (floor)", untrained)):
         print(f"[demo] evaluating {name} ...", flush=True)
@@ -191,7 +192,7 @@ def run(args) -> int:
                             **({"text_encoder": args.text_encoder} if args.text_encoder else {}))
         trainer = Trainer(tcfg, out / "fresh")
         res = trainer.fit()
-        fresh = DreamPipeline(trainer.model, shipped.tokenizer, tcfg.text_encoder)
+        fresh = DreamPipeline(trainer.model, shipped.tokenizer, tcfg.text_encoder, tcfg.use_text_padding_mask)
         r, gen = bench.evaluate(fresh, args.num_iter, cfg, temperature, sad, args.seed)
         r["training"] = {"steps": res["steps"], "wall_s": res["wall_s"],
                          "images_seen": res["steps"] * tcfg.batch_size,

@@ -32,6 +32,7 @@ class DreamPipeline:
         self.tokenizer = tokenizer.to(self.device) if hasattr(tokenizer, "to") else tokenizer
         c = model.config
         self.text_encoder_spec = text_encoder
+        self.use_padding_mask = bool(use_padding_mask)
         # raw pixels are bounded to [-1, 1]: clip the diffusion head's x0 (IDDPM clip_denoised); VAE latents: official
         from dream.models.vae import PixelTokenizer
 
@@ -151,7 +152,8 @@ class DreamPipeline:
                     if scorer is not None:
                         ext = (lambda t, c=chunk: scorer(self.tokenizer.decode(t.float()), list(c) * int(rerank)))
                     out = best_of_k(MARSampler(self.model, scfg), feats, self.text.clip_ids(chunk), null,
-                                    k=int(rerank), scorer=ext, generator=g, progress=progress)
+                                    k=int(rerank), scorer=ext, text_padding_mask=pad, null_padding_mask=null_pad,
+                                    generator=g, progress=progress)
                     toks, sc = out.tokens, out.scores.max(0).values
                 else:
                     toks = MARSampler(self.model, scfg).sample(feats, null, text_padding_mask=pad,

@@ -439,6 +439,21 @@ def test_best_of_k_with_external_scorer_picks_the_argmax(model, prompts):
                                own.scores.max(0).values, rtol=1e-5, atol=1e-6)
 
 
+def test_best_of_k_honours_text_padding_masks(model, prompts):
+    feats, null, ids = prompts
+    B, Lt = feats.shape[:2]
+    pad = torch.zeros(B, Lt, dtype=torch.bool)
+    pad[:, Lt // 2:] = True
+    null_pad = torch.zeros(1, Lt, dtype=torch.bool)
+    null_pad[:, 2:] = True
+    s = MARSampler(model, SamplerConfig(num_iter=3, cfg=3.0, num_sampling_steps=STEPS))
+    one = best_of_k(s, feats, ids, null, k=1, text_padding_mask=pad, null_padding_mask=null_pad, generator=gen(5))
+    plain = s.sample(feats, null, text_padding_mask=pad, null_padding_mask=null_pad, generator=gen(5))
+    torch.testing.assert_close(one.tokens, plain, rtol=0, atol=0)   # K = 1 is one plain decode, masks included
+    unmasked = s.sample(feats, null, generator=gen(5))
+    assert not torch.allclose(unmasked, plain)                     # the masks change the result
+
+
 # -----------------------------------------------------------------------------------------------
 # schedules and thresholds (dream_spec.md §7, §8.3)
 # -----------------------------------------------------------------------------------------------

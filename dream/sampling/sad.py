@@ -163,6 +163,7 @@ class SemanticallyAlignedDecoding:
 def best_of_k(sampler: MARSampler, text_feats: torch.Tensor, clip_ids: Optional[torch.Tensor] = None,
               null_feats: Optional[torch.Tensor] = None, *, k: int = 5,
               scorer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+              text_padding_mask: Optional[torch.Tensor] = None, null_padding_mask: Optional[torch.Tensor] = None,
               generator: Optional[torch.Generator] = None, progress: bool = False) -> SADOutput:
     """Decode K full samples per prompt in one batch and keep the best (the reranking baseline).
 
@@ -175,6 +176,7 @@ def best_of_k(sampler: MARSampler, text_feats: torch.Tensor, clip_ids: Optional[
         k: candidates per prompt. scorer: ``scorer(tokens (K*B, L, C)) -> (K*B,)`` scores finished
             candidates (rows candidate-major: row k * B + b); default DREAM's own score (cosine of the
             image and prompt embeddings, needs ``clip_ids``).
+        text_padding_mask / null_padding_mask: (B, Lt) / (1 or B, Lt) text padding masks, or None.
     Returns:
         :class:`SADOutput` with the best tokens (B, L, C), all scores (K, B) and the argmax (B,)
         (first index on ties); ``threshold`` is ``num_iter``.
@@ -191,7 +193,10 @@ def best_of_k(sampler: MARSampler, text_feats: torch.Tensor, clip_ids: Optional[
     # K independent decodes (own generation order each) as one batch, rows candidate-major (k, b)
     rep = (lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1))))
     null = null_feats if null_feats is None or null_feats.shape[0] == 1 else rep(null_feats)
-    st = sampler.init_state(rep(text_feats), null, generator=generator)
+    null_pad = null_padding_mask if null_padding_mask is None or null_padding_mask.shape[0] == 1 \
+        else rep(null_padding_mask)
+    st = sampler.init_state(rep(text_feats), null, text_padding_mask=rep(text_padding_mask),
+                            null_padding_mask=null_pad, generator=generator)
     sampler.run(st, generator=generator, progress=progress)
     if scorer is None:
         text_emb = sampler.model.encode_text(clip_ids, normalize=True).repeat(k, 1)

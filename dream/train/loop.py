@@ -395,7 +395,11 @@ class Trainer:
         g = torch.Generator().manual_seed(1234)
         feats, pad = self.text.features(prompts)
         null, null_pad = self.text.null(len(prompts))
-        s = MARSampler(model, SamplerConfig(num_iter=self.cfg.sample_num_iter, cfg=self.cfg.sample_cfg))
+        from dream.models.vae import PixelTokenizer
+
+        clip = 1.0 if isinstance(self.tokenizer, PixelTokenizer) else None  # raw pixels live in [-1, 1]
+        s = MARSampler(model, SamplerConfig(num_iter=self.cfg.sample_num_iter, cfg=self.cfg.sample_cfg,
+                                            clip_denoised=clip))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             toks = s.sample(feats, null, text_padding_mask=pad, null_padding_mask=null_pad, generator=g)
         images = self.tokenizer.decode(toks.float())
