@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, fmt_table, measure_peaks, reference_config, reference_inputs, summarize, write_results  # noqa: E402,E501
+from common import _sync, build_model, fmt_table, measure_peaks, reference_config, reference_inputs, summarize, write_results  # noqa: E402,E501
 
 OFFICIAL = {"bf16": {"plain": 0.843, "sad-tau8": 1.276, "sad-tau32": 2.531, "best-of-5": 4.224},
             "fp32": {"plain": 1.168, "sad-tau8": 1.686, "sad-tau32": 3.310, "best-of-5": 5.855},
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
                    help="fp32 by default: bf16 GEMMs are slower than fp32 on CPUs without AMX")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:i] (on a GPU the candidate-at-a-time path is latency-bound)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-repeats", type=int, default=5)
     p.add_argument("--verifier", nargs="?", const="dream_tiny.shapes", default=None,
@@ -155,11 +156,12 @@ def main(argv=None) -> int:
             verifier=acc if acc is not None else {"unavailable": why}), args.out)
         print(f"wrote {out}")
         return 0 if acc is not None else 1
-    peaks = [measure_peaks(args.peak_repeats)]
+    dev = args.device
+    peaks = [measure_peaks(args.peak_repeats, device=dev)]
     print(f"GEMM peak (start): fp32 {peaks[0]['fp32_tflops'] * 1e3:.1f} GFLOP/s, bf16 "
           f"{peaks[0]['bf16_tflops'] * 1e3:.1f} GFLOP/s, threads {torch.get_num_threads()}")
-    model = build_model(reference_config())
-    inputs = reference_inputs(model.config, args.batch, seed=args.seed)
+    model = build_model(reference_config(), device=dev)
+    inputs = reference_inputs(model.config, args.batch, seed=args.seed, device=dev)
     sc = SamplerConfig(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule="linear", temperature=1.0,
                        precision=args.precision)
     warm = SamplerConfig(num_iter=2, cfg=args.cfg, precision=args.precision)
@@ -172,6 +174,7 @@ def main(argv=None) -> int:
             g = torch.Generator().manual_seed(args.seed + r)
             t0, c0 = time.perf_counter(), time.process_time()
             fn(g)
+            _sync(dev)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         s = summarize(times)
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"  {name:22s} {row['s_per_image']:7.3f} s/image  {row['images_per_s']:6.3f} img/s  (runs "
               f"{', '.join(f'{t:.1f}' for t in times)} s/batch; cpu {row['cpu_s_per_image']:.3f} s/image)", flush=True)
-    peaks.append(measure_peaks(args.peak_repeats))
+    peaks.append(measure_peaks(args.peak_repeats, device=dev))
     fp32_peak = statistics.median([q["fp32_tflops"] for q in peaks])
     bf16_peak = statistics.median([q["bf16_tflops"] for q in peaks])
     by = {r["method"]: r for r in rows}
