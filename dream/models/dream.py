@@ -237,9 +237,8 @@ class DREAM(nn.Module):
     # ------------------------------------------------------------------------------------------
     # decoder
     # ------------------------------------------------------------------------------------------
-    def forward_decoder(self, h: torch.Tensor, mask: Optional[torch.Tensor], y: torch.Tensor,
-                        text_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Encoder output + mask tokens, cross-attending to y -> per-token condition z (B, L, Dd)."""
+    def decoder_input(self, h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Encoder output scattered back to all positions, mask tokens elsewhere, + positions, LN: (B, buf + L, Dd)."""
         cfg = self.config
         B = h.shape[0]
         buf, L = cfg.buffer_size, cfg.seq_len
@@ -251,7 +250,14 @@ class DREAM(nn.Module):
             if pad is not None:
                 x = torch.where(pad[..., None], tok[:, : x.shape[1]], x)
             x = tok.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, buf + L, Dd)
-        x = self.decoder_proj_ln(x + self.decoder_pos_embed_learned)
+        return self.decoder_proj_ln(x + self.decoder_pos_embed_learned)
+
+    def forward_decoder(self, h: torch.Tensor, mask: Optional[torch.Tensor], y: torch.Tensor,
+                        text_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder output + mask tokens, cross-attending to y -> per-token condition z (B, L, Dd)."""
+        cfg = self.config
+        buf = cfg.buffer_size
+        x = self.decoder_input(h, mask)
         x = run_blocks(self.decoder_blocks, x, y, y_padding_mask=text_padding_mask,
                        checkpointing=cfg.grad_checkpointing)
         x = self.decoder_norm(x)[:, buf:]

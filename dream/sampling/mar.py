@@ -108,18 +108,9 @@ def decode_rows(model, h: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, y_p
     r = int(counts[0]) if rows.shape[0] else 0
     if model.training or not _row_decoding_supported(model) or not bool((counts == r).all()):
         return model.forward_decoder(h, mask, y, y_pad)[rows]
-    buf, L = model.config.buffer_size, model.config.seq_len
-    # ---- as model.forward_decoder up to the last block ----
+    buf = model.config.buffer_size
     N = h.shape[0]
-    x = model.decoder_embed(h)                                              # (N, K, Dd)
-    if bool(mask.any()):
-        keep = torch.cat([torch.ones(N, buf, dtype=torch.bool, device=mask.device), ~mask], dim=1)
-        idx, kpad = model._keep_index(keep)
-        tok = model.mask_token.to(x.dtype).expand(N, buf + L, -1)
-        if kpad is not None:
-            x = torch.where(kpad[..., None], tok[:, : x.shape[1]], x)
-        x = tok.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), x)    # (N, buf + L, Dd)
-    x = model.decoder_proj_ln(x + model.decoder_pos_embed_learned)
+    x = model.decoder_input(h, mask)                                        # (N, buf + L, Dd)
     for blk in blocks[:-1]:
         x = blk(x, y, y_pad)
     last = blocks[-1]
