@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "check-parity": ("dream.parity", "compare the model with an official parity fixture"),
     "train": ("dream.train.cli", "train or fine-tune a DREAM model"),
+    "train-vae": ("dream.train.vae_cli", "train a small KL-VAE tokenizer on ShapesWorld"),
     "sample": ("dream.sampling.cli", "generate images from prompts (plain, SAD, best-of-K)"),
     "eval": ("dream.eval.cli", "FID, CLIP score, linear probe, few-shot, retrieval"),
     "data": ("dream.data.cli", "make webdataset shards (folders, CSV/JSONL, ShapesWorld)"),

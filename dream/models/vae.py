@@ -23,6 +23,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -762,6 +763,9 @@ class PixelTokenizer(nn.Module):
 # Factory and utilities
 # --------------------------------------------------------------------------------------------------------
 
+# Trained tokenizers shipped inside the package: name -> folder (config.json + model.safetensors).
+SHIPPED_TOKENIZERS = {"shapes_vae": Path(__file__).resolve().parents[1] / "assets" / "shapes_vae"}
+
 _PRESETS = {"sd": VAEConfig.sd, "sd_vae": VAEConfig.sd, "mar_kl16": VAEConfig.mar_kl16, "kl16": VAEConfig.mar_kl16,
             "test": VAEConfig.tiny, "vae_test": VAEConfig.tiny}
 
@@ -769,7 +773,8 @@ _PRESETS = {"sd": VAEConfig.sd, "sd_vae": VAEConfig.sd, "mar_kl16": VAEConfig.ma
 def create_tokenizer(spec: str | os.PathLike | Mapping[str, Any] | VAEConfig) -> VAETokenizer | PixelTokenizer:
     """Build a tokenizer from a name, a path, a dict or a :class:`VAEConfig`.
 
-    * name: ``"pixel"`` (p=16) or ``"pixel_p{N}"``; ``"vae_test"`` (tiny random VAE for CI); ``"sd_vae"`` /
+    * name: ``"pixel"`` (p=16) or ``"pixel_p{N}"``; ``"shapes_vae"`` (the ShapesWorld KL-f8 shipped in the
+      package, trained by ``dream train-vae --config configs/vae_shapes.yaml``); ``"vae_test"`` (tiny random VAE for CI); ``"sd_vae"`` /
       ``"mar_kl16"`` build a **randomly initialised** full-size VAE (with a warning: pass a path for weights).
     * path: a tokenizer / diffusers folder or an LDM/MAR checkpoint (:meth:`VAETokenizer.from_pretrained`).
     * dict: ``{"tokenizer_type": "pixel", "patch_size": 16, "image_size": 256}`` or
@@ -785,8 +790,11 @@ def create_tokenizer(spec: str | os.PathLike | Mapping[str, Any] | VAEConfig) ->
         if m := re.fullmatch(r"pixel(?:_p(\d+))?", name):
             return PixelTokenizer(int(m.group(1) or 16))
         key = name.replace("-", "_").lower()
+        if key in SHIPPED_TOKENIZERS:
+            return _load_tokenizer(os.fspath(SHIPPED_TOKENIZERS[key]))
         if key not in _PRESETS:
-            raise ValueError(f"unknown tokenizer {name!r} (not a path; names: pixel, pixel_p<N>, {sorted(_PRESETS)})")
+            raise ValueError(f"unknown tokenizer {name!r} (not a path; names: pixel, pixel_p<N>, "
+                             f"{sorted(SHIPPED_TOKENIZERS)}, {sorted(_PRESETS)})")
         spec = {"tokenizer_type": "vae", "preset": key}
     spec = dict(spec)
     kind = spec.pop("tokenizer_type", None) or spec.pop("type", None) or "vae"

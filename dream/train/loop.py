@@ -167,15 +167,17 @@ class ShardBatches:
 
 
 def build_tokenizer(spec: str, model_cfg):
-    from dream.models.vae import PixelTokenizer, VAETokenizer
+    from dream.models.vae import PixelTokenizer, create_tokenizer
 
     if spec == "pixel":
         if model_cfg.vae_stride != 1 or model_cfg.vae_embed_dim != 3:
             raise ValueError("tokenizer 'pixel' needs a model with vae_stride=1 and vae_embed_dim=3")
         return PixelTokenizer(model_cfg.patch_size, model_cfg.img_size)
-    tok = VAETokenizer.from_pretrained(spec)
-    if tok.token_dim != model_cfg.token_dim:
-        raise ValueError(f"VAE tokens have {tok.token_dim} dims but the model expects {model_cfg.token_dim}")
+    tok = create_tokenizer(spec)   # a VAE folder / checkpoint path, or a shipped name such as "shapes_vae"
+    if tok.token_dim != model_cfg.token_dim or tok.stride != model_cfg.vae_stride:
+        raise ValueError(f"tokenizer {spec!r} makes {tok.token_dim}-dim tokens at stride {tok.stride} but the model "
+                         f"expects {model_cfg.token_dim} dims at stride {model_cfg.vae_stride} (set model_overrides "
+                         f"vae_stride / vae_embed_dim / patch_size to match)")
     return tok
 
 
@@ -397,7 +399,7 @@ class Trainer:
         null, null_pad = self.text.null(len(prompts))
         from dream.models.vae import PixelTokenizer
 
-        clip = 1.0 if isinstance(self.tokenizer, PixelTokenizer) else None  # raw pixels live in [-1, 1]
+        clip = 1.0 if isinstance(self.tokenizer, PixelTokenizer) else self.cfg.sample_clip_denoised  # pixels: [-1, 1]
         s = MARSampler(model, SamplerConfig(num_iter=self.cfg.sample_num_iter, cfg=self.cfg.sample_cfg,
                                             clip_denoised=clip))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):

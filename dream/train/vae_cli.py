@@ -1,0 +1,47 @@
+"""``dream train-vae``: train a small KL-VAE tokenizer on ShapesWorld (see :mod:`dream.train.vae`).
+
+    dream train-vae --config configs/vae_shapes.yaml --out runs/vae_shapes
+    dream train-vae --resume runs/vae_shapes          # continue from the last checkpoint
+    dream train --config configs/dream_tiny_shapes.yaml --tokenizer runs/vae_shapes/tokenizer ...
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+
+def add_arguments(p):
+    p.add_argument("--config", help="YAML or JSON VAE training config (see configs/vae_shapes.yaml)")
+    p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss.png, recon.png, tokenizer/)")
+    p.add_argument("--resume", metavar="RUN", help="resume the run in this folder from its last checkpoint")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def run(args) -> int:
+    from .vae import VAETrainConfig, VAETrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = args.out or args.resume
+    if not out:
+        raise SystemExit("dream train-vae: give --out RUN (or --resume RUN)")
+    if args.resume:
+        saved = Path(args.resume) / "vae_train_config.json"
+        if not saved.exists():
+            raise SystemExit(f"dream train-vae --resume: {saved} not found")
+        cfg = VAETrainConfig.from_dict(json.loads(saved.read_text()))
+    elif args.config:
+        if not Path(args.config).exists():
+            raise SystemExit(f"dream train-vae: config file not found: {args.config}")
+        cfg = VAETrainConfig.load(args.config)
+    else:
+        cfg = VAETrainConfig()
+    cfg = cfg.replace(**{k: getattr(args, k) for k in ("steps", "minutes", "seed") if getattr(args, k) is not None})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "vae_train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    res = VAETrainer(cfg, out, resume=bool(args.resume)).fit()
+    print(json.dumps(res, indent=2))
+    print(f"tokenizer -> {out}/tokenizer  (reconstructions: {out}/recon.png)")
+    return 0
