@@ -5,8 +5,10 @@
     pipe.score(images, ["a red square", "two blue circles"])             # DREAM's own image-text cosine
 
 A pipeline folder holds ``model/`` (model.safetensors + config.json), ``tokenizer/`` (config.json and,
-for a VAE, its weights) and ``pipeline.json`` (text-encoder spec, padding-mask switch). The frozen text
-encoder is referenced, not copied: ``minilm``, ``hf:/path/to/t5-large`` or ``random``.
+for a VAE, its weights; or ``pipeline.json`` names a shipped tokenizer such as ``shapes_vae``) and ``pipeline.json``
+(text-encoder spec, padding-mask switch, the sampler settings the checkpoint was tuned with: ``num_iter``,
+``cfg``, ``cfg_schedule``, ``temperature``, ``clip_denoised``). The frozen text encoder is referenced, not copied:
+``minilm``, ``hf:/path/to/t5-large`` or ``random``.
 """
 from __future__ import annotations
 
@@ -18,13 +20,35 @@ from typing import Optional, Sequence, Union
 import torch
 
 PIPELINE_FILE = "pipeline.json"
+# what ``generate`` uses when neither the call nor the pipeline (``pipeline.json``) says otherwise
+SAMPLING_DEFAULTS = {"num_iter": 64, "cfg": 3.0, "temperature": 1.0, "cfg_schedule": "linear"}
+
+
+def _pipeline_folder(name_or_path: Union[str, os.PathLike]) -> Path:
+    """A shipped tag (``dream_tiny.shapes``) -> its folder inside the package; anything else -> that path."""
+    from dream.models.registry import _PRETRAINED
+
+    shipped = _PRETRAINED.get(str(name_or_path))
+    return Path(shipped).parent if shipped is not None else Path(name_or_path)
+
+
+def pipeline_tokenizer_spec(name_or_path: Union[str, os.PathLike]) -> Optional[str]:
+    """The tokenizer a pipeline (shipped tag or folder) was trained with: the path of its ``tokenizer/`` folder
+    or a name such as ``"shapes_vae"`` (see ``create_tokenizer``); None when it is not a pipeline."""
+    folder = _pipeline_folder(name_or_path)
+    meta_file = folder / PIPELINE_FILE
+    if not meta_file.exists():
+        return None
+    spec = json.loads(meta_file.read_text()).get("tokenizer", "tokenizer")
+    return str(folder / spec) if (folder / spec).exists() else spec
 
 
 class DreamPipeline:
     """Images and strings in, embeddings / scores / images out."""
 
     def __init__(self, model, tokenizer, text_encoder: str = "minilm", use_padding_mask: bool = False,
-                 device: Union[str, torch.device, None] = None):
+                 device: Union[str, torch.device, None] = None, clip_denoised: Union[float, None, str] = "auto",
+                 sampling_defaults: Optional[dict] = None):
         from dream.text.inputs import TextInputs
 
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -34,9 +58,18 @@ class DreamPipeline:
         self.text_encoder_spec = text_encoder
         self.use_padding_mask = bool(use_padding_mask)
         # raw pixels are bounded to [-1, 1]: clip the diffusion head's x0 (IDDPM clip_denoised); VAE latents: official
+        # (no clip) unless the pipeline says otherwise (a small, briefly trained head needs it: see pipeline.json)
         from dream.models.vae import PixelTokenizer
 
-        self.clip_denoised = 1.0 if isinstance(tokenizer, PixelTokenizer) else None
+        if clip_denoised == "auto":
+            clip_denoised = 1.0 if isinstance(tokenizer, PixelTokenizer) else None
+        if clip_denoised is not None and not float(clip_denoised) > 0:
+            raise ValueError(f"clip_denoised must be > 0, None or 'auto', got {clip_denoised!r}")
+        self.clip_denoised = None if clip_denoised is None else float(clip_denoised)
+        unknown = sorted(set(sampling_defaults or {}) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown sampling defaults {unknown} (known: {sorted(SAMPLING_DEFAULTS)})")
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.text = TextInputs(text_encoder, c.text_embed_dim, c.text_max_len, c.clip_context_length, self.device,
                                use_padding_mask)
 
@@ -46,21 +79,18 @@ class DreamPipeline:
                         **model_overrides) -> "DreamPipeline":
         """Load a pipeline folder, or a shipped name such as ``dream_tiny.shapes``."""
         import dream
-        from dream.models.registry import _PRETRAINED
         from dream.models.vae import create_tokenizer
 
-        shipped = _PRETRAINED.get(str(name_or_path))
-        folder = Path(shipped).parent if shipped is not None else Path(name_or_path)
+        folder = _pipeline_folder(name_or_path)
         if not folder.exists():
             raise FileNotFoundError(f"pipeline folder not found: {folder}")
         meta = json.loads((folder / PIPELINE_FILE).read_text()) if (folder / PIPELINE_FILE).exists() else {}
         model_dir = folder / "model" if (folder / "model").is_dir() else folder
         model = dream.create_model(model_dir, **model_overrides)
-        tok_spec = meta.get("tokenizer", "tokenizer")
-        tok_path = folder / tok_spec
-        tokenizer = create_tokenizer(str(tok_path) if tok_path.exists() else tok_spec)
+        tokenizer = create_tokenizer(pipeline_tokenizer_spec(name_or_path) or str(folder / "tokenizer"))
         return cls(model, tokenizer, text_encoder or meta.get("text_encoder", "minilm"),
-                   meta.get("use_padding_mask", False), device)
+                   meta.get("use_padding_mask", False), device, meta.get("clip_denoised", "auto"),
+                   {k: meta[k] for k in SAMPLING_DEFAULTS if k in meta})
 
     def save_pretrained(self, folder: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
         from dream.models.convert import save_pretrained
@@ -69,7 +99,8 @@ class DreamPipeline:
         save_pretrained(self.model, folder / "model", dtype=dtype)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         meta = {"tokenizer": "tokenizer", "text_encoder": self.text_encoder_spec,
-                "use_padding_mask": self.text.use_padding_mask}
+                "use_padding_mask": self.text.use_padding_mask, "clip_denoised": self.clip_denoised,
+                **self.sampling_defaults}
         (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -100,15 +131,17 @@ class DreamPipeline:
         return (self.encode_images(images) * self.encode_text(texts)).sum(-1)
 
     @torch.no_grad()
-    def generate(self, prompts: Union[str, Sequence[str]], num_iter: int = 64, cfg: float = 3.0,
-                 temperature: float = 1.0, seed: Optional[int] = 0, batch_size: int = 16,
-                 cfg_schedule: str = "linear", num_sampling_steps: Optional[str] = None,
+    def generate(self, prompts: Union[str, Sequence[str]], num_iter: Optional[int] = None, cfg: Optional[float] = None,
+                 temperature: Optional[float] = None, seed: Optional[int] = 0, batch_size: int = 16,
+                 cfg_schedule: Optional[str] = None, num_sampling_steps: Optional[str] = None,
                  sad: Optional[tuple] = None, rerank: Optional[int] = None, scorer=None,
                  progress: bool = False, return_scores: bool = False, autocast: Optional[torch.dtype] = None,
                  clip_denoised: Optional[float] = "default"):
         """Generate images for ``prompts`` (chunked by ``batch_size``).
 
         Args:
+            num_iter, cfg, temperature, cfg_schedule: sampler settings; None = the pipeline's own
+                (``sampling_defaults``, from ``pipeline.json``), else 64, 3.0, 1.0, "linear" (MAR's defaults).
             sad: ``(K, tau)`` for Semantically Aligned Decoding (tau in steps, or a float fraction of tokens).
             rerank: K for best-of-K reranking (DREAM's own score, or ``scorer(images, prompts) -> (N,)``).
             autocast: e.g. ``torch.bfloat16`` to run the networks under autocast.
@@ -126,6 +159,11 @@ class DreamPipeline:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if clip_denoised == "default":
             clip_denoised = self.clip_denoised
+        d = {**SAMPLING_DEFAULTS, **self.sampling_defaults}
+        num_iter = d["num_iter"] if num_iter is None else num_iter
+        cfg = d["cfg"] if cfg is None else cfg
+        temperature = d["temperature"] if temperature is None else temperature
+        cfg_schedule = d["cfg_schedule"] if cfg_schedule is None else cfg_schedule
         scfg = SamplerConfig(num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
                              num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised)
         g = torch.Generator(device="cpu")

@@ -75,3 +75,38 @@ def test_save_load_and_sample_cli(pipe, tmp_path):
     assert (tmp_path / "out" / "grid.png").exists() and len(list((tmp_path / "out").glob("sample_*.png"))) == 2
     with pytest.raises(SystemExit):
         main(["sample", "--model", str(tmp_path / "pipe"), "--out", str(tmp_path / "o2")])
+
+
+def test_clip_denoised_is_saved_loaded_and_bounds_vae_token_samples(tmp_path):
+    from dream.models.vae import create_tokenizer
+
+    torch.manual_seed(0)
+    model = dream.create_model("dream_test", clip_vocab_size=49408, img_size=16, vae_stride=2, patch_size=2,
+                               vae_embed_dim=4, num_sampling_steps="5")
+    tok = create_tokenizer("vae_test")
+    assert DreamPipeline(model, tok, text_encoder="random").clip_denoised is None        # VAE: official, no clip
+    assert DreamPipeline(model, PixelTokenizer(2, 16), text_encoder="random").clip_denoised == 1.0
+    with pytest.raises(ValueError, match="clip_denoised"):
+        DreamPipeline(model, tok, text_encoder="random", clip_denoised=0.0)
+    with torch.no_grad():                      # an untrained head whose eps is far off: x0 blows up unclipped
+        for p in model.diffloss.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    p = DreamPipeline(model, tok, text_encoder="random", clip_denoised=0.5)
+    p.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "pipeline.json").read_text())["clip_denoised"] == 0.5
+    p2 = DreamPipeline.from_pretrained(tmp_path / "pipe")
+    assert p2.clip_denoised == 0.5
+    from dream.sampling import MARSampler, SamplerConfig
+
+    feats, pad = p2.text.features(["a red square", "a blue circle"])
+    null, null_pad = p2.text.null(2)
+    for clip in (None, 0.5):
+        s = MARSampler(p2.model, SamplerConfig(num_iter=2, cfg=1.0, clip_denoised=clip))
+        toks = s.sample(feats, null, text_padding_mask=pad, null_padding_mask=null_pad,
+                        generator=torch.Generator().manual_seed(0))
+        if clip is None:
+            unclipped = toks.abs().max()
+        else:
+            # the last DDPM step returns its (clipped) x0 mean: a convex mix of values within [-0.5, 0.5]
+            assert toks.abs().max() <= 0.5 + 1e-5
+            assert not bool(unclipped <= 0.5)    # unclipped, x0 leaves that range

@@ -143,7 +143,11 @@ def _load_model(args):
 
     if not args.model:
         raise SystemExit("this command needs --model (or --features pixels)")
-    model = dream.create_model(args.model, pretrained=args.pretrained, device=args.device)
+    from dream.models.registry import _PRETRAINED
+
+    # a shipped tag (dream_tiny.shapes) means its trained weights unless --pretrained says otherwise
+    pretrained = args.pretrained if args.pretrained is not None else (True if args.model in _PRETRAINED else None)
+    model = dream.create_model(args.model, pretrained=pretrained, device=args.device)
     return model.eval()
 
 
@@ -151,8 +155,13 @@ def _load_tokenizer(args, model):
     from dream.models.vae import PixelTokenizer, create_tokenizer
 
     cfg = model.config
+    from dream.pipeline import pipeline_tokenizer_spec
+
+    shipped = pipeline_tokenizer_spec(args.model) if args.model else None
     if args.tokenizer:
         tok = create_tokenizer(args.tokenizer)
+    elif shipped is not None:          # a shipped tag or pipeline folder names its own tokenizer
+        tok = create_tokenizer(shipped)
     elif cfg.vae_stride == 1:
         tok = PixelTokenizer(cfg.patch_size, cfg.img_size, channels=cfg.vae_embed_dim)
     else:

@@ -128,6 +128,8 @@ def create_model(name_or_config: Union[str, DreamConfig, dict, os.PathLike], pre
             if not (weights / "model.safetensors").exists():
                 raise FileNotFoundError(f"shipped weights for {name!r} are missing at {weights}")
             cfg = DreamConfig.load(weights / "config.json")
+        elif name in _PRETRAINED and (_PRETRAINED[name] / "config.json").exists():
+            cfg = DreamConfig.load(_PRETRAINED[name] / "config.json")   # the tag's architecture, random init
         else:
             cfg = get_config(name)
     if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool):

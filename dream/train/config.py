@@ -53,6 +53,7 @@ class TrainConfig:
     sample_prompts: tuple = ()
     sample_num_iter: int = 16
     sample_cfg: float = 3.0
+    sample_clip_denoised: Optional[float] = None  # clamp the head's x0 when sampling VAE tokens (pixels: 1.0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
