@@ -1,7 +1,8 @@
 """Lab-scale reproduction: DREAM vs CLIP-only vs FLUID-only on ShapesWorld, same architecture and budget.
 
 Three ``dream_tiny`` models are trained from scratch with the project's own trainer, for the same number of
-steps (same images seen), from ``configs/dream_tiny_shapes.yaml``:
+steps (same images seen), from ``configs/dream_tiny_shapes.yaml`` (shipped KL-VAE tokens; ``--config`` picks
+another recipe, e.g. ``configs/dream_tiny_shapes_pixel.yaml``):
 
     * ``DREAM``       Masking Warmup (TN(mu, 0.45), mu 0 -> 1), diffusion + contrastive losses with gating;
     * ``CLIP-only``   never masked, contrastive loss only (``masking: never``; the diffusion loss never fires);
@@ -44,7 +45,7 @@ def train_variant(name: str, spec: dict, args, out: Path):
     from dream.train import TrainConfig
     from dream.train.loop import Trainer
 
-    cfg = TrainConfig.load(ROOT / "configs" / "dream_tiny_shapes.yaml")
+    cfg = TrainConfig.load(args.config)
     cfg = cfg.replace(steps=args.steps, steps_per_epoch=max(1, args.steps // 48), minutes=None, ckpt_every=0,
                       sample_every=0, sample_prompts=(), log_every=max(1, min(25, args.steps)), seed=args.seed,
                       warmup_steps=min(cfg.warmup_steps, max(1, args.steps // 10)),
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "dream_tiny_shapes.yaml",
+                   help="training recipe shared by the three models (only masking / loss weights change)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "shapes_objectives", help="run folders")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default results/shapes_objectives.json)")
     args = p.parse_args(argv)
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if not args.config.exists():
+        p.error(f"--config {args.config} does not exist")
 
     from dream.demo import ShapesBench
     from dream.pipeline import DreamPipeline
@@ -97,7 +102,8 @@ def main(argv=None) -> int:
     for name in names:
         print(f"[objectives] training {name} for {args.steps} steps ...", flush=True)
         trainer, cfg, res = train_variant(name, VARIANTS[name], args, args.work)
-        pipe = DreamPipeline(trainer.model, trainer.tokenizer, cfg.text_encoder, cfg.use_text_padding_mask)
+        pipe = DreamPipeline(trainer.model, trainer.tokenizer, cfg.text_encoder, cfg.use_text_padding_mask,
+                             clip_denoised=cfg.sample_clip_denoised or "auto")
         t0 = time.time()
         r, _ = bench.evaluate(pipe, args.num_iter, args.cfg, args.temperature, (4, 0.25), args.seed)
         r["training"] = {"steps": res["steps"], "wall_s": res["wall_s"], "images_seen": res["steps"] * cfg.batch_size,

@@ -25,7 +25,7 @@ def add_arguments(p):
     p.add_argument("--minutes", type=float, default=3.0, help="training budget of the from-scratch run (b)")
     p.add_argument("--num-prompts", type=int, default=32, help="held-out prompts per generation evaluation")
     p.add_argument("--num-real", type=int, default=256, help="real held-out images for retrieval / FID / probe")
-    p.add_argument("--num-iter", type=int, default=16, help="AR steps of the sampler")
+    p.add_argument("--num-iter", type=int, default=None, help="AR steps of the sampler (default: the checkpoint's)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the checkpoint's)")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the checkpoint's)")
     p.add_argument("--sad", default="4,0.25", help="SAD candidates and threshold (K,TAU)")
@@ -97,7 +97,8 @@ class ShapesBench:
         return {"retrieval": ret, "linear_probe_colour_acc": acc,
                 "linear_probe_chance": 1.0 / len(self.world.config.colours)}
 
-    def generation(self, pipe, num_iter: int, cfg: float, temperature: float, sad, seed: int) -> dict:
+    def generation(self, pipe, num_iter: int, cfg: float, temperature: float, sad, seed: int,
+                   cfg_schedule: str | None = None) -> dict:
         caps = [p.caption for p in self.prompts]
         specs = [p.spec for p in self.prompts]
         n1 = len(self.single)
@@ -105,6 +106,7 @@ class ShapesBench:
         for name, kw in (("plain", {}), ("sad", {"sad": sad})):
             t0 = time.time()
             imgs = pipe.generate(caps, num_iter=num_iter, cfg=cfg, temperature=temperature, seed=seed,
+                                 cfg_schedule=cfg_schedule,
                                  batch_size=len(caps), progress=True, **kw)
             dt = time.time() - t0
             sc = self.verifier.score(imgs, specs, details=False)
@@ -117,9 +119,9 @@ class ShapesBench:
             images[name] = imgs
         return {"metrics": out, "images": images, "captions": caps}
 
-    def evaluate(self, pipe, num_iter, cfg, temperature, sad, seed) -> tuple[dict, dict]:
+    def evaluate(self, pipe, num_iter, cfg, temperature, sad, seed, cfg_schedule=None) -> tuple[dict, dict]:
         und = self.understanding(pipe)
-        gen = self.generation(pipe, num_iter, cfg, temperature, sad, seed)
+        gen = self.generation(pipe, num_iter, cfg, temperature, sad, seed, cfg_schedule)
         return {"understanding": und, "generation": gen["metrics"]}, gen
 
 
@@ -148,7 +150,7 @@ def _print_table(report: dict) -> None:
 
 def run(args) -> int:
     import dream
-    from dream.pipeline import DreamPipeline
+    from dream.pipeline import SAMPLING_DEFAULTS, DreamPipeline
     from dream.sampling.cli import parse_sad
     from dream.utils.images import save_grid
 
@@ -164,16 +166,21 @@ def run(args) -> int:
     report["settings"].pop("func", None)
 
     shipped = DreamPipeline.from_pretrained("dream_tiny.shapes", text_encoder=args.text_encoder)
-    meta = json.loads((Path(dream.models.registry.ASSETS) / "dream_tiny_shapes" / "pipeline.json").read_text())
-    temperature = args.temperature if args.temperature is not None else meta.get("temperature", 1.0)
-    cfg = args.cfg if args.cfg is not None else meta.get("cfg", 3.0)
-    report["settings"].update(temperature=temperature, cfg=cfg)
-    untrained = DreamPipeline(dream.create_model("dream_tiny"), shipped.tokenizer, shipped.text_encoder_spec,
-                              shipped.use_padding_mask)
+    # every model in the demo samples with the shipped checkpoint's settings (pipeline.json) unless overridden
+    d = {**SAMPLING_DEFAULTS, **shipped.sampling_defaults}
+    temperature = args.temperature if args.temperature is not None else d["temperature"]
+    cfg = args.cfg if args.cfg is not None else d["cfg"]
+    num_iter = args.num_iter if args.num_iter is not None else d["num_iter"]
+    cfg_schedule = d["cfg_schedule"]
+    report["settings"].update(temperature=temperature, cfg=cfg, num_iter=num_iter, cfg_schedule=cfg_schedule,
+                              clip_denoised=shipped.clip_denoised)
+    torch.manual_seed(args.seed)
+    untrained = DreamPipeline(dream.create_model(shipped.model.config), shipped.tokenizer,  # same arch, random init
+                              shipped.text_encoder_spec, shipped.use_padding_mask, clip_denoised=shipped.clip_denoised)
     grids = {}
     for name, pipe in (("shipped dream_tiny.shapes", shipped), ("untrained (floor)", untrained)):
         print(f"[demo] evaluating {name} ...", flush=True)
-        r, gen = bench.evaluate(pipe, args.num_iter, cfg, temperature, sad, args.seed)
+        r, gen = bench.evaluate(pipe, num_iter, cfg, temperature, sad, args.seed, cfg_schedule)
         report["models"][name] = r
         grids[name] = gen
 
@@ -184,16 +191,18 @@ def run(args) -> int:
         print(f"[demo] training a fresh dream_tiny for {args.minutes:g} min ...", flush=True)
         tcfg = TrainConfig.load(Path(__file__).resolve().parent / "assets" / "dream_tiny_shapes" / "train_config.yaml")
         # Masking Warmup progress is measured in steps: size the schedule to what the budget can run
-        # (~1 step/s for dream_tiny at batch 64 on 2 CPU cores), so the warmup completes within the budget.
-        est_steps = max(20, int(args.minutes * 60))
+        # (~2.2 steps/s for dream_tiny on the 16 VAE tokens at batch 64 on 2 CPU cores), so the warmup completes
+        # within the budget. Constant lr 1e-3 (the shipped run's 4e-4 cosine is tuned for an hour, not minutes).
+        est_steps = max(20, int(args.minutes * 60 * 2.2))
         tcfg = tcfg.replace(minutes=args.minutes, steps=est_steps, steps_per_epoch=max(1, est_steps // 48),
-                            ckpt_every=0, sample_every=0, log_every=10,
+                            ckpt_every=0, sample_every=0, log_every=10, lr=1e-3,
                             sample_prompts=(), lr_schedule="constant", warmup_steps=50,
                             **({"text_encoder": args.text_encoder} if args.text_encoder else {}))
         trainer = Trainer(tcfg, out / "fresh")
         res = trainer.fit()
-        fresh = DreamPipeline(trainer.model, shipped.tokenizer, tcfg.text_encoder, tcfg.use_text_padding_mask)
-        r, gen = bench.evaluate(fresh, args.num_iter, cfg, temperature, sad, args.seed)
+        fresh = DreamPipeline(trainer.model, shipped.tokenizer, tcfg.text_encoder, tcfg.use_text_padding_mask,
+                              clip_denoised=shipped.clip_denoised)
+        r, gen = bench.evaluate(fresh, num_iter, cfg, temperature, sad, args.seed, cfg_schedule)
         r["training"] = {"steps": res["steps"], "wall_s": res["wall_s"],
                          "images_seen": res["steps"] * tcfg.batch_size,
                          "final_loss": trainer.history[-1]["loss"] if trainer.history else math.nan}
