@@ -33,24 +33,14 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .config import TrainConfig
+    from .config import TrainConfig, run_config
     from .loop import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = args.out or args.resume
     if not out:
         raise SystemExit("dream train: give --out RUN (or --resume RUN)")
-    if args.resume:
-        saved = Path(args.resume) / "train_config.json"
-        if not saved.exists():
-            raise SystemExit(f"dream train --resume: {saved} not found")
-        cfg = TrainConfig.from_dict(json.loads(saved.read_text()))
-    elif args.config:
-        if not Path(args.config).exists():
-            raise SystemExit(f"dream train: config file not found: {args.config}")
-        cfg = TrainConfig.load(args.config)
-    else:
-        cfg = TrainConfig()
+    cfg = run_config(TrainConfig, "dream train", args.config, args.resume, "train_config.json")
     over = {field: getattr(args, field) for _, (field, _) in _FLAGS.items() if getattr(args, field) is not None}
     for kv in args.set:
         k, _, v = kv.partition("=")

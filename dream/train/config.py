@@ -60,11 +60,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training config keys: {unknown}")
-        d = dict(d)
+        d = check_keys(cls, d, "training config")
         for k in ("frozen", "betas", "sample_prompts"):
             if k in d and isinstance(d[k], list):
                 d[k] = tuple(d[k])
@@ -83,3 +79,27 @@ class TrainConfig:
         else:
             d = json.loads(text)
         return cls.from_dict(d)
+
+
+def check_keys(cls, d: dict, what: str) -> dict:
+    """A copy of ``d`` after checking that every key is a field of the dataclass ``cls`` (names the strays)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {unknown}")
+    return dict(d)
+
+
+def run_config(cls, command: str, config: Optional[str], resume: Optional[str], saved_name: str):
+    """The config of a CLI run: the one saved in the ``resume`` folder, else the ``config`` file, else defaults.
+    Missing files end the command with a message naming them."""
+    if resume:
+        saved = Path(resume) / saved_name
+        if not saved.exists():
+            raise SystemExit(f"{command} --resume: {saved} not found")
+        return cls.from_dict(json.loads(saved.read_text()))
+    if config:
+        if not Path(config).exists():
+            raise SystemExit(f"{command}: config file not found: {config}")
+        return cls.load(config)
+    return cls()

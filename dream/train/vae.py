@@ -57,11 +57,9 @@ class VAETrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAETrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown VAE training config keys: {unknown}")
-        return cls(**d)
+        from .config import check_keys
+
+        return cls(**check_keys(cls, d, "VAE training config"))
 
     @classmethod
     def load(cls, path) -> "VAETrainConfig":

@@ -21,23 +21,14 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from .config import run_config
     from .vae import VAETrainConfig, VAETrainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = args.out or args.resume
     if not out:
         raise SystemExit("dream train-vae: give --out RUN (or --resume RUN)")
-    if args.resume:
-        saved = Path(args.resume) / "vae_train_config.json"
-        if not saved.exists():
-            raise SystemExit(f"dream train-vae --resume: {saved} not found")
-        cfg = VAETrainConfig.from_dict(json.loads(saved.read_text()))
-    elif args.config:
-        if not Path(args.config).exists():
-            raise SystemExit(f"dream train-vae: config file not found: {args.config}")
-        cfg = VAETrainConfig.load(args.config)
-    else:
-        cfg = VAETrainConfig()
+    cfg = run_config(VAETrainConfig, "dream train-vae", args.config, args.resume, "vae_train_config.json")
     cfg = cfg.replace(**{k: getattr(args, k) for k in ("steps", "minutes", "seed") if getattr(args, k) is not None})
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "vae_train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
