@@ -46,7 +46,8 @@ def test_resume_continues_exactly(tmp_path):
     assert first.step == 1
     resumed = VAETrainer(_cfg(steps=6, ckpt_every=3), tmp_path / "b", resume=True)
     assert resumed.step == 1
-    resumed.fit()
+    res = resumed.fit()
+    assert res["train_s_total"] > res["wall_s"] > 0          # includes the first invocation's seconds
     for k, v in straight.vae.state_dict().items():
         assert torch.equal(v, resumed.vae.state_dict()[k]), k
 

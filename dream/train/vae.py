@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("dream.train.vae")
 
@@ -108,6 +107,7 @@ class VAETrainer:
                                      weight_decay=cfg.weight_decay)
         self.world = ShapesWorld(ShapesConfig.from_dict({"image_size": cfg.image_size, **cfg.shapes}))
         self.step, self.history = 0, []
+        self.prior_s, self._t0 = 0.0, time.time()      # training seconds of earlier invocations (resume)
         if resume:
             self.resume()
 
@@ -128,7 +128,8 @@ class VAETrainer:
     def state(self) -> dict:
         return {"vae": self.vae.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                 "rng_gen": self.gen.get_state(), "rng_torch": torch.get_rng_state(),
-                "config": json.loads(json.dumps(self.cfg.to_dict())), "history": self.history}
+                "config": json.loads(json.dumps(self.cfg.to_dict())), "history": self.history,
+                "train_s": self.prior_s + time.time() - self._t0}
 
     def save(self) -> Path:
         from .checkpoint import save_checkpoint
@@ -148,6 +149,7 @@ class VAETrainer:
         self.gen.set_state(st["rng_gen"])
         torch.set_rng_state(st["rng_torch"])
         self.history = list(st.get("history", []))
+        self.prior_s = float(st.get("train_s", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- training ---------------------------------------------------------------------------------
@@ -155,7 +157,7 @@ class VAETrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        t0 = time.time()
+        t0 = self._t0 = time.time()
         deadline = t0 + cfg.minutes * 60 if cfg.minutes else None
         self.vae.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="vae", dynamic_ncols=True)
@@ -195,7 +197,8 @@ class VAETrainer:
         bar.close()
         self.save()
         res = self.export()
-        res.update(steps=self.step, wall_s=time.time() - t0, stopped_early=stopped_early)
+        res.update(steps=self.step, wall_s=time.time() - t0, train_s_total=self.prior_s + time.time() - t0,
+                   stopped_early=stopped_early)
         (self.out / "vae_training.json").write_text(json.dumps(res, indent=2))
         return res
 
