@@ -39,7 +39,11 @@ def pipeline_tokenizer_spec(name_or_path: Union[str, os.PathLike]) -> Optional[s
     meta_file = folder / PIPELINE_FILE
     if not meta_file.exists():
         return None
-    spec = json.loads(meta_file.read_text()).get("tokenizer", "tokenizer")
+    return _tokenizer_spec(folder, json.loads(meta_file.read_text()))
+
+
+def _tokenizer_spec(folder: Path, meta: dict) -> str:
+    spec = meta.get("tokenizer", "tokenizer")
     return str(folder / spec) if (folder / spec).exists() else spec
 
 
@@ -87,7 +91,7 @@ class DreamPipeline:
         meta = json.loads((folder / PIPELINE_FILE).read_text()) if (folder / PIPELINE_FILE).exists() else {}
         model_dir = folder / "model" if (folder / "model").is_dir() else folder
         model = dream.create_model(model_dir, **model_overrides)
-        tokenizer = create_tokenizer(pipeline_tokenizer_spec(name_or_path) or str(folder / "tokenizer"))
+        tokenizer = create_tokenizer(_tokenizer_spec(folder, meta))
         return cls(model, tokenizer, text_encoder or meta.get("text_encoder", "minilm"),
                    meta.get("use_padding_mask", False), device, meta.get("clip_denoised", "auto"),
                    {k: meta[k] for k in SAMPLING_DEFAULTS if k in meta})

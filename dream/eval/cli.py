@@ -153,10 +153,9 @@ def _load_model(args):
 
 def _load_tokenizer(args, model):
     from dream.models.vae import PixelTokenizer, create_tokenizer
-
-    cfg = model.config
     from dream.pipeline import pipeline_tokenizer_spec
 
+    cfg = model.config
     shipped = pipeline_tokenizer_spec(args.model) if args.model else None
     if args.tokenizer:
         tok = create_tokenizer(args.tokenizer)
