@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1500, help="training steps per model (batch 64)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--num-single", type=int, default=128, help="single-object prompts for colour / shape accuracy")
     p.add_argument("--num-real", type=int, default=256)
     p.add_argument("--num-iter", type=int, default=16)
     p.add_argument("--cfg", type=float, default=3.0)
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     from dream.pipeline import DreamPipeline
 
     torch.manual_seed(args.seed)
-    bench = ShapesBench(args.num_prompts, args.num_real)
+    bench = ShapesBench(args.num_prompts, args.num_real, num_single=args.num_single)
     results = {}
     for name in names:
         print(f"[objectives] training {name} for {args.steps} steps ...", flush=True)

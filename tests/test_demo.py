@@ -23,7 +23,8 @@ def test_shipped_checkpoint_loads_offline_and_is_small():
 def test_demo_smoke(tmp_path):
     from dream.cli import main
 
-    rc = main(["demo", "--out", str(tmp_path), "--minutes", "0.2", "--num-prompts", "4", "--num-real", "24",
+    rc = main(["demo", "--out", str(tmp_path), "--minutes", "0.2", "--num-prompts", "4", "--num-single", "6",
+               "--num-real", "24",
                "--num-iter", "3", "--sad", "2,1"])
     assert rc == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -35,6 +36,7 @@ def test_demo_smoke(tmp_path):
         assert set(g) == {"plain", "sad"}
         for k in ("single_object_colour_acc", "single_object_shape_acc", "prompt_accuracy", "fid_shapes_cnn"):
             assert k in g["plain"]
+        assert g["plain"]["single_object_n"] == 6       # accuracy over --num-single prompts, not just 4 // 2
         assert "retrieval" in r["understanding"] and "linear_probe_colour_acc" in r["understanding"]
 
 

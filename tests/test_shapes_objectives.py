@@ -18,7 +18,7 @@ def _bench():
 def test_shapes_objectives_smoke(tmp_path):
     mod = _bench()
     out = tmp_path / "objectives.json"
-    assert mod.main(["--steps", "2", "--num-prompts", "4", "--num-real", "32", "--num-iter", "2",
+    assert mod.main(["--steps", "2", "--num-prompts", "4", "--num-single", "4", "--num-real", "32", "--num-iter", "2",
                      "--work", str(tmp_path / "runs"), "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert list(data["results"]) == ["DREAM", "CLIP-only", "FLUID-only"]
