@@ -33,9 +33,16 @@ def test_resume_is_exact(tmp_path):
     full.fit()
     a = Trainer(_cfg(steps=2, ckpt_every=2), tmp_path / "part")
     a.fit()
+    # the stopped run had logged a step past its last checkpoint: resume must not keep that line
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 123.0, "elapsed_s": 1.0}) + "\n")
     b = Trainer(_cfg(steps=4, ckpt_every=2), tmp_path / "part", resume=True)
     assert b.step == 2
     b.fit()
+    part = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in part] == [1, 2, 3, 4] and all(r["loss"] != 123.0 for r in part)
+    el = [r["elapsed_s"] for r in part]
+    assert el == sorted(el) and el[2] > el[1]          # elapsed_s counts on across the resume
     wf, wb = _weights(full), _weights(b)
     for k in wf:
         torch.testing.assert_close(wb[k], wf[k], atol=1e-6, rtol=0, msg=k)

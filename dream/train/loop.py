@@ -236,6 +236,7 @@ class Trainer:
             self.data = ShardBatches(cfg.data, self.mcfg.img_size, cfg.batch_size, cfg, self.rank, self.world)
         self.step = 0
         self.history: list[dict] = []
+        self._elapsed_before = 0.0      # training seconds of earlier invocations (resume): elapsed_s is cumulative
         if resume:
             self.resume()
 
@@ -274,7 +275,14 @@ class Trainer:
             torch.cuda.set_rng_state_all(st["rng_cuda"])
         self.data.load_state_dict(st["data"])
         self.history = list(st.get("history", []))
+        self._elapsed_before = float(self.history[-1].get("elapsed_s", 0.0)) if self.history else 0.0
         if D.is_main():
+            # metrics.jsonl may hold lines logged after this checkpoint by the run that stopped; rewrite it from
+            # the checkpoint's history so the file and the resumed run agree (no duplicated steps)
+            metrics = self.out / "metrics.jsonl"
+            tmp = metrics.with_name(metrics.name + f".tmp{os.getpid()}")
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            os.replace(tmp, metrics)
             log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------------------------------
@@ -344,7 +352,8 @@ class Trainer:
                 now = time.time()
                 stats.update(step=self.step, lr=self.opt.param_groups[0]["lr"],
                              epoch=self.step / self.steps_per_epoch,
-                             images_per_s=images_since / max(now - last_t, 1e-9), elapsed_s=now - t0)
+                             images_per_s=images_since / max(now - last_t, 1e-9),
+                             elapsed_s=self._elapsed_before + now - t0)
                 last_t, images_since = now, 0
                 self.history.append(stats)
                 if D.is_main():
