@@ -5,8 +5,9 @@
     image->text / text->image retrieval, a linear probe on object colour from frozen encoder features,
     FID against real ShapesWorld images (ShapesWorld CNN features), and compositional accuracy per
     question type with the exact ShapesWorld verifier.
-(b) Trains a fresh ``dream_tiny`` from scratch for ``--minutes`` with the same trainer as ``dream train`` and
-    reports its loss curve and the same metrics.
+(b) Trains a fresh ``dream_tiny`` from scratch for ``--minutes`` with the same trainer as ``dream train`` (MAR
+    masking by default, so a few minutes already teach the generator colours; ``--fresh-masking dream`` for
+    Masking Warmup) and reports its loss curve and the same metrics.
 
 Writes ``report.json``, ``samples.png`` (plain vs SAD side by side, captioned) and ``loss.png``.
 """
@@ -23,7 +24,7 @@ import torch
 def add_arguments(p):
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--minutes", type=float, default=3.0, help="training budget of the from-scratch run (b)")
-    p.add_argument("--num-prompts", type=int, default=32,
+    p.add_argument("--num-prompts", type=int, default=96,
                    help="held-out prompts (half single-object, half mixed) for compositional accuracy")
     p.add_argument("--num-single", type=int, default=128,
                    help="held-out single-object prompts for colour / shape accuracy (includes the single-object "

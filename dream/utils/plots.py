@@ -14,6 +14,7 @@ def plot_loss_curves(history: Sequence[dict], path: os.PathLike, keys=("loss", "
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
@@ -22,6 +23,7 @@ def plot_loss_curves(history: Sequence[dict], path: os.PathLike, keys=("loss", "
         ax.plot(steps, vals)
         ax.set_title(k)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))   # long runs: no colliding labels
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
