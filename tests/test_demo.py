@@ -1,6 +1,7 @@
 """`dream demo` end to end at a tiny budget, and the shipped checkpoint loads offline."""
 import json
 
+import pytest
 import torch
 
 import dream
@@ -20,17 +21,19 @@ def test_shipped_checkpoint_loads_offline_and_is_small():
     assert not torch.allclose(m.state_dict()["z_proj.weight"], fresh.state_dict()["z_proj.weight"])
 
 
-def test_demo_smoke(tmp_path):
+@pytest.mark.parametrize("masking", ["fluid", "dream"])
+def test_demo_smoke(tmp_path, masking):
     from dream.cli import main
 
     rc = main(["demo", "--out", str(tmp_path), "--minutes", "0.2", "--num-prompts", "4", "--num-single", "6",
-               "--num-real", "24",
+               "--num-real", "24", "--fresh-masking", masking,
                "--num-iter", "3", "--sad", "2,1"])
     assert rc == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "samples.png").exists() and (tmp_path / "loss.png").exists()
     models = report["models"]
     assert len(models) == 3
+    assert models["fresh (0.2 min)"]["training"]["masking"] == masking
     for r in models.values():
         g = r["generation"]
         assert set(g) == {"plain", "sad"}
