@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 _FLAGS = {  # flag -> (TrainConfig field, type)
@@ -36,11 +35,7 @@ def run(args) -> int:
     from .config import TrainConfig, run_config
     from .loop import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = args.out or args.resume
-    if not out:
-        raise SystemExit("dream train: give --out RUN (or --resume RUN)")
-    cfg = run_config(TrainConfig, "dream train", args.config, args.resume, "train_config.json")
+    out, cfg = run_config(TrainConfig, "dream train", args, "train_config.json")
     over = {field: getattr(args, field) for _, (field, _) in _FLAGS.items() if getattr(args, field) is not None}
     for kv in args.set:
         k, _, v = kv.partition("=")

@@ -90,16 +90,23 @@ def check_keys(cls, d: dict, what: str) -> dict:
     return dict(d)
 
 
-def run_config(cls, command: str, config: Optional[str], resume: Optional[str], saved_name: str):
-    """The config of a CLI run: the one saved in the ``resume`` folder, else the ``config`` file, else defaults.
-    Missing files end the command with a message naming them."""
-    if resume:
-        saved = Path(resume) / saved_name
+def run_config(cls, command: str, args, saved_name: str):
+    """``(out, config)`` of a CLI run (``args`` with ``out``, ``resume``, ``config``). The config is the one saved
+    in the ``resume`` folder, else the ``config`` file, else defaults. Sets up logging; a missing output folder or
+    file ends the command with a message naming it."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = args.out or args.resume
+    if not out:
+        raise SystemExit(f"{command}: give --out RUN (or --resume RUN)")
+    if args.resume:
+        saved = Path(args.resume) / saved_name
         if not saved.exists():
             raise SystemExit(f"{command} --resume: {saved} not found")
-        return cls.from_dict(json.loads(saved.read_text()))
-    if config:
-        if not Path(config).exists():
-            raise SystemExit(f"{command}: config file not found: {config}")
-        return cls.load(config)
-    return cls()
+        return out, cls.from_dict(json.loads(saved.read_text()))
+    if args.config:
+        if not Path(args.config).exists():
+            raise SystemExit(f"{command}: config file not found: {args.config}")
+        return out, cls.load(args.config)
+    return out, cls()

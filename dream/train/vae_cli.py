@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 
@@ -24,11 +23,7 @@ def run(args) -> int:
     from .config import run_config
     from .vae import VAETrainConfig, VAETrainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = args.out or args.resume
-    if not out:
-        raise SystemExit("dream train-vae: give --out RUN (or --resume RUN)")
-    cfg = run_config(VAETrainConfig, "dream train-vae", args.config, args.resume, "vae_train_config.json")
+    out, cfg = run_config(VAETrainConfig, "dream train-vae", args, "vae_train_config.json")
     cfg = cfg.replace(**{k: getattr(args, k) for k in ("steps", "minutes", "seed") if getattr(args, k) is not None})
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "vae_train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
