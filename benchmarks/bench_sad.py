@@ -75,21 +75,16 @@ def verifier_accuracy(args, K):
     on ShapesWorld test prompts, or the reason it is unavailable. Uses the pipeline's own text encoder,
     sampling length (``num_iter`` from its pipeline.json, else ``--num-iter``; tau scaled to it) and decoding."""
     try:
-        import json
-
         from dream.data.shapes import ShapesConfig, ShapesWorld
         from dream.eval.compositional import Verifier
-        from dream.models.registry import _PRETRAINED
-        from dream.pipeline import DreamPipeline
+        from dream.pipeline import DreamPipeline, pipeline_meta
     except Exception as e:  # noqa: BLE001 - report, do not fail the speed benchmark
         return None, f"imports failed: {type(e).__name__}: {e}"
     try:
         pipe = DreamPipeline.from_pretrained(args.verifier, text_encoder=args.text_encoder)
     except Exception as e:  # noqa: BLE001
         return None, f"no trained pipeline {args.verifier!r}: {type(e).__name__}: {e}"
-    shipped = _PRETRAINED.get(args.verifier)
-    folder = Path(shipped).parent if shipped is not None else Path(args.verifier)
-    meta = json.loads((folder / "pipeline.json").read_text()) if (folder / "pipeline.json").exists() else {}
+    meta = pipeline_meta(args.verifier)[1]
     num_iter = int(meta.get("num_iter", args.num_iter))
     size = pipe.model.config.img_size
     try:

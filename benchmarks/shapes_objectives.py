@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     if not args.config.exists():
         p.error(f"--config {args.config} does not exist")
 
-    from dream.demo import ShapesBench
+    from dream.eval.shapes_bench import ShapesBench
     from dream.pipeline import DreamPipeline
 
     torch.manual_seed(args.seed)

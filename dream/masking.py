@@ -25,6 +25,8 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
+from dream.utils.config import ConfigBase
+
 __all__ = [
     "MaskingWarmupConfig",
     "MaskingWarmup",
@@ -45,7 +47,7 @@ _GRANULARITIES = ("batch", "sample")
 # Configuration
 # --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MaskingWarmupConfig:
+class MaskingWarmupConfig(ConfigBase):
     """Mask-ratio schedule.
 
     Attributes:
@@ -80,6 +82,7 @@ class MaskingWarmupConfig:
     steps_per_epoch: Optional[int] = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.shape not in _SHAPES:
             raise ValueError(f"MaskingWarmupConfig.shape must be one of {_SHAPES}, got {self.shape!r}")
         if self.bounds not in _BOUNDS:
@@ -126,20 +129,6 @@ class MaskingWarmupConfig:
             raise ValueError(f"constant mask ratio must be in [0, 1], got {ratio}")
         base = cls(mu_start=ratio, mu_end=ratio, warmup_start=0.0, warmup_end=0.0, std=0.0)
         return dataclasses.replace(base, **overrides)
-
-    # ----- serialisation -------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        """JSON-friendly dict of all fields."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MaskingWarmupConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown MaskingWarmupConfig keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 # --------------------------------------------------------------------------------------------------------

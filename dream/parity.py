@@ -1,4 +1,4 @@
-"""``dream check-parity FIXTURE_DIR``: recompute every output of an official parity fixture.
+"""Recompute every output of an official parity fixture (``dream check-parity FIXTURE_DIR``).
 
 A fixture (made with the official DREAM code, see ``shared/fixtures/official_dream_tiny/README.md``)
 holds ``config.json`` (official constructor arguments), ``model.safetensors`` (official key names),
@@ -121,8 +121,8 @@ def _exact(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return 0.0 if ours.shape == ref.shape and torch.equal(ours.cpu().to(ref.dtype), ref) else 1.0
 
 
-def run_parity(fixture_dir, verbose: bool = False) -> list[tuple[str, float, bool]]:
-    """Recompute every output; returns (name, error, ok) rows."""
+def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tuple[str, float, bool]]:
+    """Recompute every output; returns (name, error, ok) rows (``ok``: error <= ``tol``, exact for integers)."""
     import dream
     from dream.masking import MaskingWarmup, MaskingWarmupConfig, mask_from_orders, num_masked
     from dream.models.contrastive import clip_loss_unfiltered, filtered_clip_loss
@@ -147,7 +147,7 @@ def run_parity(fixture_dir, verbose: bool = False) -> list[tuple[str, float, boo
         try:
             ours = fn()
             err = _exact(ours, ref) if exact or not ref.is_floating_point() else _rel(ours, ref)
-            ok = err == 0.0 if (exact or not ref.is_floating_point()) else err <= TOL
+            ok = err == 0.0 if (exact or not ref.is_floating_point()) else err <= tol
         except Exception as e:  # a failure to compute is a failure, never a skip
             err, ok = math.inf, False
             if verbose:
@@ -249,7 +249,7 @@ def run_parity(fixture_dir, verbose: bool = False) -> list[tuple[str, float, boo
                 worst, worst_name = e, n
         missing += [n for n in params if n not in grads]
         rows.append((f"grads (worst: {worst_name or '-'})", worst if not missing else math.inf,
-                     worst <= TOL and not missing))
+                     worst <= tol and not missing))
     for g in ("gate_low", "gate_high"):
         m2 = io[f"{g}_mask"].bool()
         with torch.no_grad():
@@ -335,22 +335,3 @@ def run_parity(fixture_dir, verbose: bool = False) -> list[tuple[str, float, boo
     if not labels_ok:
         rows.append(("labels (DREAM uses class 0 only)", math.inf, False))
     return rows
-
-
-def add_arguments(p):
-    p.add_argument("fixture", help="folder with config.json, model.safetensors, io.safetensors, grads.safetensors")
-    p.add_argument("--tol", type=float, default=TOL, help="max relative error (default 1e-4)")
-    p.add_argument("--verbose", action="store_true", help="print the exception of outputs that fail to compute")
-
-
-def run(args) -> int:
-    global TOL
-    TOL = args.tol
-    torch.set_grad_enabled(True)
-    rows = run_parity(args.fixture, verbose=args.verbose)
-    width = max(len(r[0]) for r in rows)
-    for name, err, ok in rows:
-        print(f"{name:<{width}}  {'ok  ' if ok else 'FAIL'}  {err:.3e}")
-    bad = [r for r in rows if not r[2]]
-    print(f"{len(rows) - len(bad)} passed, {len(bad)} failed (tolerance {TOL:g} relative to max|ref|)")
-    return 1 if bad else 0

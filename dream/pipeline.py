@@ -19,27 +19,47 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from dream.utils.config import ConfigError, read_config_file
+
 PIPELINE_FILE = "pipeline.json"
 # what ``generate`` uses when neither the call nor the pipeline (``pipeline.json``) says otherwise
 SAMPLING_DEFAULTS = {"num_iter": 64, "cfg": 3.0, "temperature": 1.0, "cfg_schedule": "linear"}
 
 
-def _pipeline_folder(name_or_path: Union[str, os.PathLike]) -> Path:
-    """A shipped tag (``dream_tiny.shapes``) -> its folder inside the package; anything else -> that path."""
-    from dream.models.registry import _PRETRAINED
+def pipeline_meta(name_or_path: Union[str, os.PathLike]) -> tuple[Path, dict]:
+    """(folder, settings) of a pipeline: a shipped tag (``dream_tiny.shapes``, from the public pretrained table,
+    files sha256-checked) or a folder (its ``pipeline.json``; a folder without one gets the defaults)."""
+    from dream.models.pretrained import get_pretrained_cfg, is_pretrained_tag
 
-    shipped = _PRETRAINED.get(str(name_or_path))
-    return Path(shipped).parent if shipped is not None else Path(name_or_path)
+    if is_pretrained_tag(name_or_path, "pipeline"):
+        pc = get_pretrained_cfg(os.fspath(name_or_path))
+        return pc.verify(), {"tokenizer": pc.tokenizer, "text_encoder": pc.text_encoder,
+                             "use_padding_mask": pc.use_padding_mask, **pc.sampler}
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        from dream.models.pretrained import list_pretrained
+
+        raise FileNotFoundError(f"pipeline folder not found: {folder} (shipped pipelines: "
+                                f"{', '.join(list_pretrained('pipeline'))})")
+    meta_file = folder / PIPELINE_FILE
+    meta = read_config_file(meta_file, "pipeline") if meta_file.exists() else {}
+    known = {"tokenizer", "text_encoder", "use_padding_mask", "clip_denoised", "weights", *SAMPLING_DEFAULTS}
+    unknown = sorted(set(meta) - known)
+    if unknown:
+        raise ConfigError(f"unknown keys in {meta_file}: {unknown} (known: {sorted(known)})")
+    return folder, meta
 
 
 def pipeline_tokenizer_spec(name_or_path: Union[str, os.PathLike]) -> Optional[str]:
     """The tokenizer a pipeline (shipped tag or folder) was trained with: the path of its ``tokenizer/`` folder
     or a name such as ``"shapes_vae"`` (see ``create_tokenizer``); None when it is not a pipeline."""
-    folder = _pipeline_folder(name_or_path)
-    meta_file = folder / PIPELINE_FILE
-    if not meta_file.exists():
+    try:
+        folder, meta = pipeline_meta(name_or_path)
+    except FileNotFoundError:
         return None
-    return _tokenizer_spec(folder, json.loads(meta_file.read_text()))
+    if not meta and not (folder / PIPELINE_FILE).exists():
+        return None
+    return _tokenizer_spec(folder, meta)
 
 
 def _tokenizer_spec(folder: Path, meta: dict) -> str:
@@ -63,7 +83,7 @@ class DreamPipeline:
         self.use_padding_mask = bool(use_padding_mask)
         # raw pixels are bounded to [-1, 1]: clip the diffusion head's x0 (IDDPM clip_denoised); VAE latents: official
         # (no clip) unless the pipeline says otherwise (a small, briefly trained head needs it: see pipeline.json)
-        from dream.models.vae import PixelTokenizer
+        from dream.models.tokenizers import PixelTokenizer
 
         if clip_denoised == "auto":
             clip_denoised = 1.0 if isinstance(tokenizer, PixelTokenizer) else None
@@ -81,16 +101,17 @@ class DreamPipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: Union[str, os.PathLike], device=None, text_encoder: Optional[str] = None,
                         **model_overrides) -> "DreamPipeline":
-        """Load a pipeline folder, or a shipped name such as ``dream_tiny.shapes``."""
+        """Load a shipped pipeline (``dream_tiny.shapes``, see :func:`dream.models.pretrained.list_pretrained`) or a
+        pipeline folder (``model/``, ``tokenizer/`` or a tokenizer name, ``pipeline.json``)."""
         import dream
-        from dream.models.vae import create_tokenizer
+        from dream.models.pretrained import is_pretrained_tag
+        from dream.models.tokenizers import create_tokenizer
 
-        folder = _pipeline_folder(name_or_path)
-        if not folder.exists():
-            raise FileNotFoundError(f"pipeline folder not found: {folder}")
-        meta = json.loads((folder / PIPELINE_FILE).read_text()) if (folder / PIPELINE_FILE).exists() else {}
-        model_dir = folder / "model" if (folder / "model").is_dir() else folder
-        model = dream.create_model(model_dir, **model_overrides)
+        folder, meta = pipeline_meta(name_or_path)
+        if is_pretrained_tag(name_or_path, "pipeline"):
+            model = dream.create_model(os.fspath(name_or_path), **model_overrides)
+        else:
+            model = dream.create_model(folder / "model" if (folder / "model").is_dir() else folder, **model_overrides)
         tokenizer = create_tokenizer(_tokenizer_spec(folder, meta))
         return cls(model, tokenizer, text_encoder or meta.get("text_encoder", "minilm"),
                    meta.get("use_padding_mask", False), device, meta.get("clip_denoised", "auto"),

@@ -35,7 +35,7 @@ def test_trainer_runs_on_cuda_with_a_cpu_generator(tmp_path):
 def test_generate_on_cuda_matches_cpu():
     torch.manual_seed(0)
     model = dream.create_model("dream_test", **TINY).eval()
-    from dream.models.vae import PixelTokenizer
+    from dream.models.tokenizers import PixelTokenizer
 
     imgs = {}
     for dev in ("cpu", "cuda"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dream
-from dream.models.vae import PixelTokenizer
+from dream.models.tokenizers import PixelTokenizer
 from dream.pipeline import DreamPipeline
 
 PIX = {"clip_vocab_size": 49408, "img_size": 32, "vae_stride": 1, "patch_size": 8, "vae_embed_dim": 3,
@@ -78,7 +78,7 @@ def test_save_load_and_sample_cli(pipe, tmp_path):
 
 
 def test_clip_denoised_is_saved_loaded_and_bounds_vae_token_samples(tmp_path):
-    from dream.models.vae import create_tokenizer
+    from dream.models.tokenizers import create_tokenizer
 
     torch.manual_seed(0)
     model = dream.create_model("dream_test", clip_vocab_size=49408, img_size=16, vae_stride=2, patch_size=2,

@@ -63,6 +63,7 @@ import torch
 from PIL import Image
 
 from dream.data.transforms import ImageTransform
+from dream.utils.config import ConfigBase
 
 __all__ = [
     "WebDatasetConfig",
@@ -148,7 +149,7 @@ def expand_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
 @dataclass(frozen=True)
-class WebDatasetConfig:
+class WebDatasetConfig(ConfigBase):
     """Options of the image-text pipeline.
 
     Attributes:
@@ -180,6 +181,7 @@ class WebDatasetConfig:
     max_logged_errors: int = 5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.image_size <= 0:

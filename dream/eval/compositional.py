@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from dream.data.shapes import (PALETTE, PLURALS, SHAPES, ShapesConfig, ShapesPrompt, shape_mask,
                                parse_caption, relation_holds, shape_template_area, size_class, validate_spec)
+from dream.utils.config import ConfigBase
 
 __all__ = ["VerifierConfig", "Verifier", "questions_from_spec", "answer_questions", "dsg_scores",
            "colour_accuracy", "shape_accuracy", "QUESTION_TYPES"]
@@ -42,7 +43,7 @@ QUESTION_TYPES: tuple[str, ...] = ("existence", "colour", "count", "size", "rela
 
 
 @dataclass(frozen=True)
-class VerifierConfig:
+class VerifierConfig(ConfigBase):
     """Thresholds of the rule-based parser."""
 
     fg_threshold: float = 0.4          # min projection t of (x - bg) onto (colour - bg): 0 = bg, 1 = colour
@@ -53,6 +54,7 @@ class VerifierConfig:
     connectivity: int = 8              # 4 or 8
 
     def __post_init__(self):
+        super().__post_init__()
         if self.connectivity not in (4, 8):
             raise ValueError(f"connectivity must be 4 or 8, got {self.connectivity}")
         if self.merge_radius < 0 or not 0 < self.fg_threshold < 1.5 or self.max_colour_tan <= 0:

@@ -534,7 +534,7 @@ def dream_image_features(
     Args:
         images: uint8 (B, 3, H, W) or float in ``value_range``.
         tokenizer: object with ``encode(images in [-1, 1]) -> tokens (B, L, token_dim)``
-            (``dream.models.vae.PixelTokenizer`` / ``VAETokenizer``).
+            (``dream.models.tokenizers.PixelTokenizer`` / ``VAETokenizer``).
     """
     dev = next(model.parameters()).device
     tokens = tokenize_images(tokenizer, images, value_range, device=dev)

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from dream.utils.config import ConfigBase
 
 __all__ = [
     "LARS",
@@ -162,7 +163,7 @@ class LARS(torch.optim.Optimizer):
 
 
 @dataclass(frozen=True)
-class LinearProbeConfig:
+class LinearProbeConfig(ConfigBase):
     """Hyper-parameters of the LARS / SGD probe.
 
     Defaults are MAE's linear-probe recipe (LARS, blr 0.1, no weight decay, 90 epochs, 10 warm-up

@@ -16,7 +16,6 @@ Use with torchmetrics::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dream.data.shapes import PALETTE, SHAPES, ShapesConfig
+from dream.utils.config import ConfigBase
 
 __all__ = ["ShapesCNNConfig", "ShapesFeatureCNN", "load_shapes_feature_extractor", "attribute_targets",
            "attribute_accuracy", "DEFAULT_WEIGHTS"]
@@ -35,7 +35,7 @@ DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 
 @dataclass(frozen=True)
-class ShapesCNNConfig:
+class ShapesCNNConfig(ConfigBase):
     """Architecture and label space of the ShapesWorld feature CNN."""
 
     image_size: int = 32                        # inputs are resized to this
@@ -47,6 +47,7 @@ class ShapesCNNConfig:
     grid: int = 4                               # position head: grid x grid cells (object centres)
 
     def __post_init__(self):
+        super().__post_init__()
         if len(self.widths) != 5 or self.image_size % 4:
             raise ValueError("widths must have 5 entries and image_size must be divisible by 4")
 
@@ -55,16 +56,6 @@ class ShapesCNNConfig:
         """Output slices of the attribute head, in order."""
         return {"count": self.max_objects, "colour": len(self.colours), "shape": len(self.shapes),
                 "combo": len(self.colours) * len(self.shapes), "position": self.grid * self.grid, "size": 2}
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShapesCNNConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - names:
-            raise ValueError(f"unknown ShapesCNNConfig fields: {sorted(set(d) - names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 class ShapesFeatureCNN(nn.Module):
@@ -218,7 +209,10 @@ def load_shapes_feature_extractor(path: str | None = None, device: str | torch.d
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = path or DEFAULT_WEIGHTS
+    if path is None:
+        from dream.models.pretrained import pretrained_path
+
+        path = str(pretrained_path("shapes_cnn") / "shapes_cnn.safetensors")   # sha256-checked
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ShapesWorld CNN weights not found at {path}; "
                                 "train them with benchmarks/train_shapes_cnn.py")

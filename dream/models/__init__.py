@@ -9,8 +9,8 @@ from .registry import create_model as create_model
 from .registry import get_config as get_config
 from .registry import list_models as list_models
 from .registry import register_model as register_model
-from .vae import AutoencoderKL as AutoencoderKL
-from .vae import PixelTokenizer as PixelTokenizer
-from .vae import VAEConfig as VAEConfig
-from .vae import VAETokenizer as VAETokenizer
-from .vae import create_tokenizer as create_tokenizer
+from .autoencoder import AutoencoderKL as AutoencoderKL
+from .tokenizers import PixelTokenizer as PixelTokenizer
+from .autoencoder import VAEConfig as VAEConfig
+from .tokenizers import VAETokenizer as VAETokenizer
+from .tokenizers import create_tokenizer as create_tokenizer

@@ -1,20 +1,23 @@
 """``DreamConfig``: every hyper-parameter of a DREAM model, frozen, JSON round-trippable."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from dataclasses import dataclass
-from typing import Any, Union
+from pathlib import Path
+from typing import ClassVar, Optional, Union
+
+from dream.utils.config import ConfigBase
 
 
 @dataclass(frozen=True)
-class DreamConfig:
+class DreamConfig(ConfigBase):
     """DREAM architecture and loss settings (defaults: DREAM-B with the official recipe).
 
     Token layout: images of ``img_size`` go through a tokenizer of stride ``vae_stride`` with
     ``vae_embed_dim`` channels, patchified by ``patch_size``: ``seq_len`` tokens of ``token_dim``.
     """
+
+    _ignored_keys: ClassVar[frozenset] = frozenset({"arch", "dream_version", "model_type"})
 
     # --- tokens ---
     img_size: int = 256
@@ -85,6 +88,7 @@ class DreamConfig:
         return self.vae_embed_dim * self.patch_size ** 2
 
     def __post_init__(self):
+        super().__post_init__()
         if self.img_size % (self.vae_stride * self.patch_size):
             raise ValueError(f"img_size {self.img_size} is not divisible by vae_stride*patch_size "
                              f"= {self.vae_stride}*{self.patch_size}")
@@ -98,36 +102,8 @@ class DreamConfig:
             raise ValueError(f"unknown attn_backend {self.attn_backend!r}")
 
     # serialisation ------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DreamConfig":
-        d = {k: v for k, v in d.items() if k not in ("arch", "dream_version", "model_type")}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown DreamConfig keys: {unknown}")
-        return cls(**d)
-
-    def replace(self, **overrides: Any) -> "DreamConfig":
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ValueError(f"unknown DreamConfig keys: {unknown}")
-        return dataclasses.replace(self, **overrides)
-
-    def save(self, path: Union[str, os.PathLike], arch: str | None = None) -> None:
+    def save(self, path: Union[str, os.PathLike], arch: Optional[str] = None) -> Path:
+        """Atomic ``config.json`` with ``model_type``, ``dream_version`` and (optionally) ``arch`` beside the fields."""
         from dream.version import __version__
 
-        d = {"model_type": "dream", "dream_version": __version__, **({"arch": arch} if arch else {}),
-             **self.to_dict()}
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(d, f, indent=2)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "DreamConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        return super().save(path, {"model_type": "dream", "dream_version": __version__, **({"arch": arch} if arch else {})})

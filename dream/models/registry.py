@@ -5,7 +5,8 @@ Sizes ``dream_b/l/h/g`` are the official ``dream_{base,large,huge,giant}_txt_con
 2,432,714,657). ``dream_test`` is the tiny CI model (the official parity fixture's configuration);
 ``dream_tiny`` is the CPU-scale ShapesWorld model used by ``dream demo``.
 
-Pretrained names use ``arch.tag``; ``dream_tiny.shapes`` ships inside the package.
+Pretrained names use ``arch.tag`` (the public table is :mod:`dream.models.pretrained`); ``dream_tiny.shapes``
+ships inside the package.
 """
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ from typing import Callable, Optional, Union
 import torch
 
 from .config import DreamConfig
+from .pretrained import get_pretrained_cfg, is_pretrained_tag, list_pretrained, pretrained_path
 
 _REGISTRY: dict[str, Callable[[], DreamConfig]] = {}
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-# tag -> folder (inside the package) holding model.safetensors + config.json
-_PRETRAINED: dict[str, Path] = {"dream_tiny.shapes": ASSETS / "dream_tiny_shapes" / "model"}
 
 
 def register_model(fn: Callable[[], DreamConfig]) -> Callable[[], DreamConfig]:
@@ -81,16 +80,34 @@ def dream_tiny() -> DreamConfig:
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> list[str]:
-    """Registered architecture names (or ``arch.tag`` names with shipped weights) matching ``pattern``."""
-    names = list(_PRETRAINED) if pretrained else list(_REGISTRY)
+    """Registered architecture names, or (``pretrained=True``) shipped ``arch.tag`` names, matching ``pattern``."""
+    names = list_pretrained("pipeline") if pretrained else list(_REGISTRY)
     return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
 
 
-def get_config(name: str) -> DreamConfig:
-    arch = name.split(".")[0]
+def _check_name(name: str) -> None:
+    if is_pretrained_tag(name, "pipeline"):
+        return
+    arch, dot, tag = name.partition(".")
+    if dot:
+        raise KeyError(f"unknown pretrained tag {name!r}; shipped tags: "
+                       f"{', '.join(list_pretrained('pipeline')) or 'none'}")
     if arch not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return _REGISTRY[arch]()
+        raise KeyError(f"unknown model {name!r}; architectures: {', '.join(list_models())}; "
+                       f"pretrained tags: {', '.join(list_pretrained('pipeline')) or 'none'}")
+
+
+def get_config(name: str) -> DreamConfig:
+    """The config of an architecture (``dream_b``) or of a shipped tag (``dream_tiny.shapes``: its own config.json)."""
+    _check_name(name)
+    if is_pretrained_tag(name, "pipeline"):
+        return DreamConfig.load(pretrained_path(name) / "model" / "config.json")
+    return _REGISTRY[name]()
+
+
+def _default_tag(arch: str) -> Optional[str]:
+    tags = [t for t in list_pretrained("pipeline") if get_pretrained_cfg(t).arch == arch]
+    return tags[0] if tags else None
 
 
 def create_model(name_or_config: Union[str, DreamConfig, dict, os.PathLike], pretrained: Union[None, bool, str,
@@ -99,11 +116,14 @@ def create_model(name_or_config: Union[str, DreamConfig, dict, os.PathLike], pre
     """Build a DREAM model.
 
     Args:
-        name_or_config: a registered name (``"dream_b"``, ``"dream_tiny.shapes"``), a DreamConfig, a dict,
-            or a folder holding ``config.json``.
-        pretrained: None/False (random init), True (the weights shipped for ``arch.tag``), or a path to a
-            folder (``model.safetensors`` + ``config.json``), a ``.safetensors`` file or an official
-            ``.pth`` checkpoint. Loading is strict: missing, unexpected or mis-shaped keys raise.
+        name_or_config: an architecture (``"dream_b"``: random init), a shipped tag (``"dream_tiny.shapes"``:
+            its weights, sha256-checked), a DreamConfig, a dict, or a folder holding ``config.json`` (and
+            ``model.safetensors``, loaded unless ``pretrained=False``).
+        pretrained: None (the default for the name: weights for a tag or folder, random for an architecture),
+            False (random init, the tag's architecture), True (weights required: an architecture gets its
+            default shipped tag), or a path (a folder with ``model.safetensors`` + ``config.json``, a
+            ``.safetensors`` file or an official ``.pth`` checkpoint). Loading is strict: missing, unexpected
+            or mis-shaped keys raise, and the model is never returned half-loaded.
         **overrides: DreamConfig fields to change (e.g. ``attn_backend="math"``).
     """
     from .convert import load_checkpoint_into
@@ -119,19 +139,17 @@ def create_model(name_or_config: Union[str, DreamConfig, dict, os.PathLike], pre
         if pretrained is None or pretrained is True:
             weights = Path(name_or_config)
     else:
-        name = str(name_or_config)
-        if pretrained is True:
-            if name not in _PRETRAINED:
-                raise RuntimeError(f"no shipped weights for {name!r}; pretrained tags: "
-                                   f"{', '.join(list_models(pretrained=True)) or 'none'} (or pass a path)")
-            weights = _PRETRAINED[name]
-            if not (weights / "model.safetensors").exists():
-                raise FileNotFoundError(f"shipped weights for {name!r} are missing at {weights}")
-            cfg = DreamConfig.load(weights / "config.json")
-        elif name in _PRETRAINED and (_PRETRAINED[name] / "config.json").exists():
-            cfg = DreamConfig.load(_PRETRAINED[name] / "config.json")   # the tag's architecture, random init
-        else:
-            cfg = get_config(name)
+        name = os.fspath(name_or_config)
+        _check_name(name)
+        if pretrained is True and not is_pretrained_tag(name):
+            tag = _default_tag(name)
+            if tag is None:
+                raise KeyError(f"no shipped weights for {name!r}; pretrained tags: "
+                               f"{', '.join(list_pretrained('pipeline')) or 'none'} (or pass a path)")
+            name = tag
+        cfg = get_config(name)
+        if is_pretrained_tag(name) and pretrained in (None, True):
+            weights = pretrained_path(name) / "model"
     if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool):
         weights = Path(pretrained)
         if not weights.exists():

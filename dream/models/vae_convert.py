@@ -1,9 +1,9 @@
-"""Checkpoint reading and key maps for the KL autoencoders in :mod:`dream.models.vae`.
+"""Checkpoint reading and key maps for the KL autoencoders in :mod:`dream.models.autoencoder`.
 
 Two on-disk layouts describe the same network:
 
 * **diffusers** (``encoder.down_blocks.{i}.resnets.{b}``, ``mid_block``, ``decoder.up_blocks.{j}``, linear
-  attention ``to_q/to_k/to_v/to_out.0``). This is the layout :class:`dream.models.vae.AutoencoderKL` uses
+  attention ``to_q/to_k/to_v/to_out.0``). This is the layout :class:`dream.models.autoencoder.AutoencoderKL` uses
   internally, so its ``state_dict()`` is a diffusers-format VAE state dict.
 * **LDM / CompVis / MAR** (``encoder.down.{i}.block.{b}``, ``mid.block_1``, ``decoder.up.{i}``, 1x1-conv
   attention ``q/k/v/proj_out``, ``nin_shortcut``), used by Stable Diffusion ``.ckpt`` files (under the
@@ -24,7 +24,7 @@ Ignored keys (documented behaviour, reported by :func:`clean_vae_state_dict`):
 * in a full Stable Diffusion checkpoint (any key starting with ``first_stage_model.``), every key *without*
   that prefix (UNet ``model.*``, text encoder ``cond_stage_model.*``, EMA buffers, ...).
 
-Every other key must match the model exactly; the loader in :mod:`dream.models.vae` is strict.
+Every other key must match the model exactly; the loader in :mod:`dream.models.autoencoder` is strict.
 """
 from __future__ import annotations
 

@@ -29,13 +29,14 @@ from dream.ops.attention import attention
 
 from .diffusion_sampler import COMPILE_MODES, TokenDiffusionSampler
 from .schedules import cfg_at, mask_len_after
+from dream.utils.config import ConfigBase
 
 
 PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(ConfigBase):
     """Generation settings (defaults: the official README example)."""
 
     num_iter: int = 64
@@ -51,6 +52,7 @@ class SamplerConfig:
     clip_denoised: Optional[float] = None  # clamp predicted x0 to [-c, c] (None = official; 1.0 for pixels)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_iter < 1:
             raise ValueError(f"num_iter must be >= 1, got {self.num_iter}")
         if self.cfg_schedule not in ("linear", "constant"):

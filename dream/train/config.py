@@ -1,15 +1,15 @@
 """``TrainConfig``: everything a training run needs, frozen and YAML/JSON round-trippable."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+from dream.utils.config import ConfigBase
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigBase):
     # --- model ---
     model: str = "dream_tiny"                 # registry name
     model_overrides: dict = field(default_factory=dict)
@@ -55,40 +55,6 @@ class TrainConfig:
     sample_cfg: float = 3.0
     sample_clip_denoised: Optional[float] = None  # clamp the head's x0 when sampling VAE tokens (pixels: 1.0)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = check_keys(cls, d, "training config")
-        for k in ("frozen", "betas", "sample_prompts"):
-            if k in d and isinstance(d[k], list):
-                d[k] = tuple(d[k])
-        return cls(**d)
-
-    def replace(self, **kw: Any) -> "TrainConfig":
-        return self.from_dict({**self.to_dict(), **kw})
-
-    @classmethod
-    def load(cls, path) -> "TrainConfig":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            d = yaml.safe_load(text) or {}
-        else:
-            d = json.loads(text)
-        return cls.from_dict(d)
-
-
-def check_keys(cls, d: dict, what: str) -> dict:
-    """A copy of ``d`` after checking that every key is a field of the dataclass ``cls`` (names the strays)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} keys: {unknown}")
-    return dict(d)
-
 
 def run_config(cls, command: str, args, saved_name: str):
     """``(out, config)`` of a CLI run (``args`` with ``out``, ``resume``, ``config``). The config is the one saved
@@ -104,7 +70,7 @@ def run_config(cls, command: str, args, saved_name: str):
         saved = Path(args.resume) / saved_name
         if not saved.exists():
             raise SystemExit(f"{command} --resume: {saved} not found")
-        return out, cls.from_dict(json.loads(saved.read_text()))
+        return out, cls.load(saved)
     if args.config:
         if not Path(args.config).exists():
             raise SystemExit(f"{command}: config file not found: {args.config}")

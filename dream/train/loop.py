@@ -167,7 +167,7 @@ class ShardBatches:
 
 
 def build_tokenizer(spec: str, model_cfg):
-    from dream.models.vae import PixelTokenizer, create_tokenizer
+    from dream.models.tokenizers import PixelTokenizer, create_tokenizer
 
     if spec == "pixel":
         if model_cfg.vae_stride != 1 or model_cfg.vae_embed_dim != 3:
@@ -406,7 +406,7 @@ class Trainer:
         g = torch.Generator().manual_seed(1234)
         feats, pad = self.text.features(prompts)
         null, null_pad = self.text.null(len(prompts))
-        from dream.models.vae import PixelTokenizer
+        from dream.models.tokenizers import PixelTokenizer
 
         clip = 1.0 if isinstance(self.tokenizer, PixelTokenizer) else self.cfg.sample_clip_denoised  # pixels: [-1, 1]
         s = MARSampler(model, SamplerConfig(num_iter=self.cfg.sample_num_iter, cfg=self.cfg.sample_cfg,

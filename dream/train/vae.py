@@ -1,4 +1,4 @@
-"""Train a small KL autoencoder (the project's :class:`~dream.models.vae.AutoencoderKL`) as a DREAM tokenizer.
+"""Train a small KL autoencoder (the project's :class:`~dream.models.autoencoder.AutoencoderKL`) as a DREAM tokenizer.
 
 DREAM, like MAR, models continuous VAE latents rather than pixels. On ShapesWorld no pretrained VAE exists, so
 this trains one from scratch: L1 + MSE reconstruction plus a small KL term (``kl_weight`` per latent element),
@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from dream.utils.config import ConfigBase
+
 log = logging.getLogger("dream.train.vae")
 
 # A ShapesWorld tokenizer: stride 8 (32x32 images -> 4x4 latents), 16 channels, p=1 -> 16 tokens of 16 dims.
@@ -30,7 +32,7 @@ SHAPES_VAE = {"latent_channels": 16, "block_out_channels": [16, 32, 64, 64], "la
 
 
 @dataclass(frozen=True)
-class VAETrainConfig:
+class VAETrainConfig(ConfigBase):
     vae: dict = field(default_factory=lambda: dict(SHAPES_VAE))   # VAEConfig fields
     shapes: dict = field(default_factory=dict)                    # ShapesConfig overrides
     image_size: int = 32
@@ -50,27 +52,6 @@ class VAETrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     num_stat_images: int = 2048              # held-out images for the latent statistics
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VAETrainConfig":
-        from .config import check_keys
-
-        return cls(**check_keys(cls, d, "VAE training config"))
-
-    @classmethod
-    def load(cls, path) -> "VAETrainConfig":
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            return cls.from_dict(yaml.safe_load(text) or {})
-        return cls.from_dict(json.loads(text))
-
-    def replace(self, **kw) -> "VAETrainConfig":
-        return self.from_dict({**self.to_dict(), **kw})
 
 
 def vae_loss(vae, images: torch.Tensor, cfg: VAETrainConfig, generator: torch.Generator) -> dict:
@@ -92,7 +73,7 @@ class VAETrainer:
 
     def __init__(self, cfg: VAETrainConfig, out, resume: bool = False):
         from dream.data.shapes import ShapesConfig, ShapesWorld
-        from dream.models.vae import AutoencoderKL, VAEConfig
+        from dream.models.autoencoder import AutoencoderKL, VAEConfig
 
         self.cfg, self.out = cfg, Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +186,7 @@ class VAETrainer:
     @torch.no_grad()
     def export(self) -> dict:
         """Latent statistics on held-out images -> scaled tokenizer folder; reconstruction grid and metrics."""
-        from dream.models.vae import VAETokenizer, estimate_latent_scale
+        from dream.models.tokenizers import VAETokenizer, estimate_latent_scale
         from dream.utils.images import save_grid
         from dream.utils.plots import plot_loss_curves
 

@@ -299,7 +299,7 @@ def test_resampled_epoch_length(shards):
 # make-shards and the CLI
 # ----------------------------------------------------------------------------------------------------------
 def _cli(argv):
-    from dream.data import cli
+    from dream.cli import data as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

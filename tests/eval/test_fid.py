@@ -54,15 +54,6 @@ def as_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI machine is small and shared: avoid thread oversubscription in the conv nets.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def net():
     return TinyFeatureNet()

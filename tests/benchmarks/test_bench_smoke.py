@@ -21,7 +21,7 @@ from dream.diffusion.gaussian import discretized_gaussian_log_likelihood, normal
 from dream.models.diffloss import SimpleMLPAdaLN, TimestepEmbedder
 from dream.models.layers import Attention, FastDropout, dropout_mask, train_attention
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train.py"
 
 
 def _bench():

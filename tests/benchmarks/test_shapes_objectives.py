@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_objectives.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "shapes_objectives.py"
 
 
 def _bench():

@@ -20,8 +20,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .config import run_config
-    from .vae import VAETrainConfig, VAETrainer
+    from dream.train.config import run_config
+    from dream.train.vae import VAETrainConfig, VAETrainer
 
     out, cfg = run_config(VAETrainConfig, "dream train-vae", args, "vae_train_config.json")
     cfg = cfg.replace(**{k: getattr(args, k) for k in ("steps", "minutes", "seed") if getattr(args, k) is not None})

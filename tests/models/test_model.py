@@ -58,7 +58,7 @@ def test_list_and_get_config():
     assert dream.list_models("dream_?") == ["dream_b", "dream_g", "dream_h", "dream_l"]
     with pytest.raises(KeyError, match="unknown model"):
         dream.get_config("dream_x")
-    with pytest.raises(RuntimeError, match="no shipped weights"):
+    with pytest.raises(KeyError, match="no shipped weights"):
         dream.create_model("dream_b", pretrained=True)
 
 

@@ -10,11 +10,11 @@ import dream
 def test_shipped_checkpoint_loads_offline_and_is_small():
     m = dream.create_model("dream_tiny.shapes", pretrained=True)
     assert m.config.encoder_embed_dim == dream.get_config("dream_tiny").encoder_embed_dim
-    from dream.models.registry import ASSETS
+    from dream.models.pretrained import pretrained_path
 
-    f = ASSETS / "dream_tiny_shapes" / "model" / "model.safetensors"
-    assert f.stat().st_size <= 20 * 2 ** 20
-    info = json.loads((ASSETS / "dream_tiny_shapes" / "training.json").read_text())
+    folder = pretrained_path("dream_tiny.shapes")
+    assert (folder / "model" / "model.safetensors").stat().st_size <= 20 * 2 ** 20
+    info = json.loads((folder / "training.json").read_text())
     assert {"command", "config", "seed", "wall_s", "hardware", "steps"} <= set(info)
     # the weights are trained, not the random init
     fresh = dream.create_model(m.config)
@@ -44,7 +44,7 @@ def test_demo_smoke(tmp_path, masking):
 
 
 def test_shipped_pipeline_uses_the_shipped_vae_tokenizer():
-    from dream.models.vae import VAETokenizer, create_tokenizer
+    from dream.models.tokenizers import VAETokenizer, create_tokenizer
     from dream.pipeline import DreamPipeline
 
     pipe = DreamPipeline.from_pretrained("dream_tiny.shapes")
@@ -68,7 +68,7 @@ def test_shipped_pipeline_uses_the_shipped_vae_tokenizer():
 
 def test_shipped_tag_means_shipped_weights_and_tokenizer_in_the_cli(tmp_path):
     """`--model dream_tiny.shapes` loads the trained weights and the shipped VAE (never a random model), and
-    `create_model("dream_tiny.shapes")` without weights builds the shipped architecture."""
+    `create_model("dream_tiny.shapes", pretrained=False)` builds the shipped architecture, randomly initialised."""
     from PIL import Image
 
     from dream.cli import main
@@ -77,7 +77,9 @@ def test_shipped_tag_means_shipped_weights_and_tokenizer_in_the_cli(tmp_path):
 
     assert pipeline_tokenizer_spec("dream_tiny.shapes") == "shapes_vae"
     shipped = dream.create_model("dream_tiny.shapes", pretrained=True)
-    assert dream.create_model("dream_tiny.shapes").config == shipped.config
+    fresh = dream.create_model("dream_tiny.shapes", pretrained=False)
+    assert fresh.config == shipped.config
+    assert not torch.equal(fresh.z_proj.weight, shipped.z_proj.weight)
     world = ShapesWorld(ShapesConfig(image_size=32))
     imgs, caps, _ = world.batch(range(32), "test")
     d = tmp_path / "imgs"

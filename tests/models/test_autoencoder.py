@@ -13,15 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from dream.models import vae_convert
 from dream.models.patchify import patchify, unpatchify
-from dream.models.vae import (
-    AutoencoderKL,
-    PixelTokenizer,
-    VAEConfig,
-    VAETokenizer,
-    create_tokenizer,
-    estimate_latent_scale,
-    load_vae_state_dict,
-)
+from dream.models.autoencoder import AutoencoderKL, VAEConfig, load_vae_state_dict
+from dream.models.tokenizers import PixelTokenizer, VAETokenizer, create_tokenizer, estimate_latent_scale
 
 # reduced SD-like (2 levels), custom 3-level layout with down/up attention and a shift, tiny KL-16-like (5 levels)
 SD_SMALL = VAEConfig.sd(block_out_channels=(32, 64), norm_num_groups=8, sample_size=32)
@@ -30,15 +23,6 @@ CUSTOM3 = VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_nu
                     patch_size=1, sample_size=16)
 KL16_TINY = VAEConfig.mar_kl16(block_out_channels=(16, 16, 32, 32, 64), norm_num_groups=8, sample_size=32)
 CASES = {"sd_small": (SD_SMALL, 32), "custom3": (CUSTOM3, 16), "kl16_tiny": (KL16_TINY, 32)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run several times faster single-threaded on the shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -8,13 +8,13 @@ import sys
 
 # name -> (module, help). Modules are imported lazily so ``dream --help`` stays fast.
 COMMANDS = {
-    "check-parity": ("dream.parity", "compare the model with an official parity fixture"),
-    "train": ("dream.train.cli", "train or fine-tune a DREAM model"),
-    "train-vae": ("dream.train.vae_cli", "train a small KL-VAE tokenizer on ShapesWorld"),
-    "sample": ("dream.sampling.cli", "generate images from prompts (plain, SAD, best-of-K)"),
-    "eval": ("dream.eval.cli", "FID, CLIP score, linear probe, few-shot, retrieval"),
-    "data": ("dream.data.cli", "make webdataset shards (folders, CSV/JSONL, ShapesWorld)"),
-    "demo": ("dream.demo", "ShapesWorld end-to-end demo (the main job of `make demo`)"),
+    "check-parity": ("dream.cli.check_parity", "compare the model with an official parity fixture"),
+    "train": ("dream.cli.train", "train or fine-tune a DREAM model"),
+    "train-vae": ("dream.cli.train_vae", "train a small KL-VAE tokenizer on ShapesWorld"),
+    "sample": ("dream.cli.sample", "generate images from prompts (plain, SAD, best-of-K)"),
+    "eval": ("dream.cli.eval", "FID, CLIP score, linear probe, few-shot, retrieval"),
+    "data": ("dream.cli.data", "make webdataset shards (folders, CSV/JSONL, ShapesWorld)"),
+    "demo": ("dream.cli.demo", "ShapesWorld end-to-end demo (the main job of `make demo`)"),
 }
 
 

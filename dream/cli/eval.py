@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from .features import FeatureCache, cache_key
+from dream.eval.features import FeatureCache, cache_key
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
@@ -143,16 +143,13 @@ def _load_model(args):
 
     if not args.model:
         raise SystemExit("this command needs --model (or --features pixels)")
-    from dream.models.registry import _PRETRAINED
-
     # a shipped tag (dream_tiny.shapes) means its trained weights unless --pretrained says otherwise
-    pretrained = args.pretrained if args.pretrained is not None else (True if args.model in _PRETRAINED else None)
-    model = dream.create_model(args.model, pretrained=pretrained, device=args.device)
+    model = dream.create_model(args.model, pretrained=args.pretrained, device=args.device)
     return model.eval()
 
 
 def _load_tokenizer(args, model):
-    from dream.models.vae import PixelTokenizer, create_tokenizer
+    from dream.models.tokenizers import PixelTokenizer, create_tokenizer
     from dream.pipeline import pipeline_tokenizer_spec
 
     cfg = model.config
@@ -175,12 +172,12 @@ def _load_tokenizer(args, model):
 
 def _feature_module(args) -> torch.nn.Module:
     """The non-DREAM feature modules: uint8 (B, 3, H, W) -> (B, D)."""
-    from .features import PixelFeatureExtractor
+    from dream.eval.features import PixelFeatureExtractor
 
     if args.features == "pixels":
         return PixelFeatureExtractor()
     if args.features == "shapes":
-        from .shapes_features import load_shapes_feature_extractor
+        from dream.eval.shapes_features import load_shapes_feature_extractor
 
         return load_shapes_feature_extractor(args.feature_weights, device=args.device)
     raise ValueError(f"no feature module for --features {args.features!r}")
@@ -194,7 +191,7 @@ def _image_size(args, model=None) -> Optional[int]:
 
 def _labeled_features(args, source: str, model=None, tokenizer=None) -> dict[str, torch.Tensor]:
     """(cached) features + labels of a labelled image source."""
-    from .features import count_images, dream_image_features, extract_features, iter_labeled_batches, \
+    from dream.eval.features import count_images, dream_image_features, extract_features, iter_labeled_batches, \
         list_image_folder
 
     size = _image_size(args, model)
@@ -271,7 +268,7 @@ def _read_captions(path: str, files: list[str]) -> tuple[list[str], list[int]]:
 
 
 def _pair_batches(files: list[str], t2i: list[int], batch_size: int, size: Optional[int]):
-    from .features import load_image
+    from dream.eval.features import load_image
 
     for s in range(0, len(t2i), batch_size):
         yield torch.stack([load_image(files[i], size) for i in t2i[s:s + batch_size]])
@@ -299,7 +296,7 @@ def _emit(args, results: dict[str, Any]) -> int:
 
 
 def _run_fid(args) -> int:
-    from .fid import FIDEvaluator, frechet_distance, inception_score, load_statistics, save_statistics
+    from dream.eval.fid import FIDEvaluator, frechet_distance, inception_score, load_statistics, save_statistics
 
     if args.ref is None and args.save_stats is None:
         raise SystemExit("dream eval fid: give --ref (to compute FID) and/or --save-stats (to store statistics)")
@@ -340,8 +337,8 @@ def _run_fid(args) -> int:
 
 
 def _run_clipscore(args) -> int:
-    from .clipscore import dream_clip_score, hf_clip_score
-    from .features import list_images
+    from dream.eval.clipscore import dream_clip_score, hf_clip_score
+    from dream.eval.features import list_images
 
     files = list_images(args.images)
     texts, t2i = _read_captions(args.captions, files)
@@ -365,7 +362,7 @@ def _run_clipscore(args) -> int:
 
 
 def _run_linprobe(args) -> int:
-    from .linear_probe import LinearProbeConfig, linear_probe
+    from dream.eval.linear_probe import LinearProbeConfig, linear_probe
 
     model = tok = None
     if args.features == "dream":
@@ -385,7 +382,7 @@ def _run_linprobe(args) -> int:
 
 
 def _run_fewshot(args) -> int:
-    from .fewshot import few_shot_eval
+    from dream.eval.fewshot import few_shot_eval
 
     model = tok = None
     if args.features == "dream":
@@ -402,8 +399,8 @@ def _run_fewshot(args) -> int:
 def _run_retrieval(args) -> int:
     from dream.text import CLIPTokenizer
 
-    from .features import dream_token_features, extract_features, list_images, load_image, tokenize_images
-    from .retrieval import retrieval_recall
+    from dream.eval.features import dream_token_features, extract_features, list_images, load_image, tokenize_images
+    from dream.eval.retrieval import retrieval_recall
 
     files = list_images(args.images)
     texts, t2i = _read_captions(args.captions, files)

@@ -14,14 +14,6 @@ from dream.eval.clipscore import DreamCLIPScore, dream_clip_score, hf_clip_score
 CAPTIONS = ["a red cat", "two blue dogs", "a green square", "the small yellow ball", "a dog on grass"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
@@ -96,7 +88,7 @@ def _toy_text_tokenizer(ctx: int, vocab: int):
 
 def test_dream_clip_score_matches_manual_cosine():
     import dream
-    from dream.models.vae import create_tokenizer
+    from dream.models.tokenizers import create_tokenizer
 
     model = dream.create_model("dream_test")
     cfg = model.config

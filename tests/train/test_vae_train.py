@@ -17,7 +17,7 @@ def _cfg(**kw):
 
 
 def test_loss_decreases_and_export_is_a_working_tokenizer(tmp_path):
-    from dream.models.vae import create_tokenizer
+    from dream.models.tokenizers import create_tokenizer
 
     t = VAETrainer(_cfg(), tmp_path)
     res = t.fit()
@@ -53,14 +53,14 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_config_rejects_unknown_keys_and_bad_geometry(tmp_path):
-    with pytest.raises(ValueError, match="unknown VAE training config keys"):
+    with pytest.raises(ValueError, match="unknown VAETrainConfig keys"):
         VAETrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="not a multiple"):
         VAETrainer(_cfg(image_size=18), tmp_path)
 
 
 def test_kl_term_is_per_element_and_weighted():
-    from dream.models.vae import AutoencoderKL, VAEConfig
+    from dream.models.autoencoder import AutoencoderKL, VAEConfig
 
     torch.manual_seed(0)
     vae = AutoencoderKL(VAEConfig(**TINY))

@@ -8,14 +8,6 @@ from dream.eval.fewshot import few_shot_eval, sample_episode
 from dream.eval.retrieval import retrieval_ranks, retrieval_recall
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def clustered(num_classes=10, per_class=30, dim=16, spread=0.1, seed=0):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(num_classes, dim, generator=g) * 5

@@ -32,8 +32,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .config import TrainConfig, run_config
-    from .loop import Trainer
+    from dream.train.config import TrainConfig, run_config
+    from dream.train.loop import Trainer
 
     out, cfg = run_config(TrainConfig, "dream train", args, "train_config.json")
     over = {field: getattr(args, field) for _, (field, _) in _FLAGS.items() if getattr(args, field) is not None}
@@ -47,7 +47,7 @@ def run(args) -> int:
         over["compile"] = True
     cfg = cfg.replace(**over)
     Path(out).mkdir(parents=True, exist_ok=True)
-    from . import distributed as D
+    from dream.train import distributed as D
 
     trainer = Trainer(cfg, out, resume=bool(args.resume))
     if D.is_main():
