@@ -22,6 +22,8 @@ _FLAGS = {  # flag -> (TrainConfig field, type)
 
 
 def add_arguments(p):
+    from dream.utils import run_logger
+
     p.add_argument("--config", help="YAML or JSON training config (see configs/)")
     p.add_argument("--out", help="run folder (checkpoints, metrics.jsonl, loss.png, samples/)")
     p.add_argument("--resume", metavar="RUN", help="resume the run in this folder from its last checkpoint")
@@ -29,13 +31,16 @@ def add_arguments(p):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any config field (JSON value)")
     for flag, (field, typ) in _FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=None, help=f"override `{field}`")
+    run_logger.add_arguments(p)
 
 
 def run(args) -> int:
     from dream.train.config import TrainConfig, run_config
     from dream.train.loop import Trainer
+    from dream.utils.run_logger import options_from_args
 
     out, cfg = run_config(TrainConfig, "dream train", args, "train_config.json")
+    log_to = options_from_args(args)
     over = {field: getattr(args, field) for _, (field, _) in _FLAGS.items() if getattr(args, field) is not None}
     for kv in args.set:
         k, _, v = kv.partition("=")
@@ -49,7 +54,7 @@ def run(args) -> int:
     Path(out).mkdir(parents=True, exist_ok=True)
     from dream.train import distributed as D
 
-    trainer = Trainer(cfg, out, resume=bool(args.resume))
+    trainer = Trainer(cfg, out, resume=bool(args.resume), log_to=log_to)
     if D.is_main():
         (Path(out) / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     res = trainer.fit()

@@ -182,13 +182,15 @@ def build_tokenizer(spec: str, model_cfg):
 
 
 class Trainer:
-    """Runs a :class:`TrainConfig` into an output folder (metrics.jsonl, loss.png, samples, checkpoints)."""
+    """Runs a :class:`TrainConfig` into an output folder (metrics.jsonl, loss.png, samples, checkpoints, and
+    TensorBoard / W&B logs through :class:`~dream.utils.run_logger.RunLogger` with the options ``log_to``)."""
 
     def __init__(self, cfg: TrainConfig, out: os.PathLike, resume: bool = False,
-                 on_step: Optional[Callable[[int, dict], None]] = None):
+                 on_step: Optional[Callable[[int, dict], None]] = None, log_to: Optional[dict] = None):
         import dream
 
         self.cfg, self.out, self.on_step = cfg, Path(out), on_step
+        self.log_to = dict(log_to) if log_to is not None else {"tensorboard": "auto"}
         self.device = D.init_from_env(cfg.device)
         self.rank, self.world = D.rank(), D.world_size()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +326,14 @@ class Trainer:
         return stats
 
     def fit(self) -> dict:
+        """Train to ``cfg.steps`` (or the time budget); the run's scalars and sample grids also go to ``log_to``."""
+        from dream.utils.run_logger import RunLogger
+
+        opts = self.log_to if D.is_main() else {"tensorboard": False}
+        with RunLogger(self.out, config=self.cfg.to_dict(), resume_step=self.step or None, **opts) as self.run_log:
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         t0 = time.time()
         deadline = t0 + cfg.minutes * 60 if cfg.minutes else None
@@ -333,6 +343,7 @@ class Trainer:
         stopped_early = False
         window: dict = {}
         n_window = 0
+        sampled_at = -1
         while self.step < cfg.steps:
             # Statistics stay on the device and are summed over the log window; reading them (one host-device
             # sync) happens only when a line is logged, so GPU steps queue up without waiting.
@@ -359,6 +370,7 @@ class Trainer:
                 if D.is_main():
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(stats) + "\n")
+                    self.run_log.log_scalars(self.step, {k: v for k, v in stats.items() if k != "step"})
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", diff=f"{stats['diff_loss']:.3f}",
                                 clip=f"{stats['clip_loss']:.3f}", ips=f"{stats['images_per_s']:.0f}")
             bar.update(1)
@@ -367,7 +379,8 @@ class Trainer:
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                 self.save()
             if cfg.sample_every and self.step % cfg.sample_every == 0 and D.is_main():
-                self.write_samples()
+                self._log_samples(self.write_samples())
+                sampled_at = self.step
             if out_of_time:
                 stopped_early = True
                 break
@@ -376,8 +389,8 @@ class Trainer:
         if D.is_main():
             self.export()
             self.plot_loss()
-            if cfg.sample_prompts:
-                self.write_samples()
+            if cfg.sample_prompts and sampled_at != self.step:    # (not again if the loop just drew them)
+                self._log_samples(self.write_samples())
         D.barrier()
         return {"steps": self.step, "wall_s": time.time() - t0, "stopped_early": stopped_early}
 
@@ -393,6 +406,10 @@ class Trainer:
         from dream.utils.plots import plot_loss_curves
 
         return plot_loss_curves(self.history, self.out / "loss.png")
+
+    def _log_samples(self, path: Optional[Path]) -> None:
+        if path is not None:
+            self.run_log.log_image(self.step, "samples", path)
 
     @torch.no_grad()
     def write_samples(self, prompts=None) -> Optional[Path]:

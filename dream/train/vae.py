@@ -18,11 +18,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from dream.utils.config import ConfigBase
+
+if TYPE_CHECKING:
+    from dream.utils.run_logger import RunLogger
 
 log = logging.getLogger("dream.train.vae")
 
@@ -69,13 +72,15 @@ def vae_loss(vae, images: torch.Tensor, cfg: VAETrainConfig, generator: torch.Ge
 
 class VAETrainer:
     """Runs a :class:`VAETrainConfig` into a folder: ``checkpoint-*.pt``, ``metrics.jsonl``, ``loss.png``,
-    ``recon.png`` and the tokenizer folder ``tokenizer/`` (usable as ``dream train --tokenizer``)."""
+    ``recon.png`` and the tokenizer folder ``tokenizer/`` (usable as ``dream train --tokenizer``); the scalars and
+    ``recon.png`` also go to TensorBoard / W&B through :class:`~dream.utils.run_logger.RunLogger` (options ``log_to``)."""
 
-    def __init__(self, cfg: VAETrainConfig, out, resume: bool = False):
+    def __init__(self, cfg: VAETrainConfig, out, resume: bool = False, log_to: Optional[dict] = None):
         from dream.data.shapes import ShapesConfig, ShapesWorld
         from dream.models.autoencoder import AutoencoderKL, VAEConfig
 
         self.cfg, self.out = cfg, Path(out)
+        self.log_to = dict(log_to) if log_to is not None else {"tensorboard": "auto"}
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -135,6 +140,14 @@ class VAETrainer:
 
     # ---- training ---------------------------------------------------------------------------------
     def fit(self) -> dict:
+        from dream.utils.run_logger import RunLogger
+
+        with RunLogger(self.out, config=self.cfg.to_dict(), resume_step=self.step or None, **self.log_to) as rl:
+            res = self._fit(rl)
+            rl.log_image(self.step, "recon", self.out / "recon.png")
+        return res
+
+    def _fit(self, rl: "RunLogger") -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -167,6 +180,7 @@ class VAETrainer:
                 self.history.append(stats)
                 with open(self.out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
+                rl.log_scalars(self.step, {k: v for k, v in stats.items() if k != "step"})
                 bar.set_postfix(l1=f"{stats['l1']:.4f}", kl=f"{stats['kl']:.2f}")
                 window = {}
             bar.update(1)

@@ -1,1 +1,1 @@
-"""Small utilities: image grids and plots."""
+"""Small utilities: image grids, plots, and run logging to TensorBoard / W&B."""

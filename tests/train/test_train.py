@@ -199,3 +199,78 @@ def test_shapes_workers_render_the_same_batches_in_order_and_after_a_jump():
         a, b = plain.get(step, micro), ahead.get(step, micro)
         assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"], (step, micro)
     assert not torch.equal(plain.get(0, 0)["image"], plain.get(0, 1)["image"])
+
+
+def _metrics(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dream_train_tensorboard_matches_metrics_and_resume_has_no_duplicate_steps(tmp_path):
+    from conftest import read_tensorboard
+    from dream.cli import main
+
+    run = tmp_path / "run"
+    cfg = _cfg(steps=3, ckpt_every=2, sample_every=2, sample_prompts=("a red circle",), sample_num_iter=2)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--out", str(run)]) == 0
+    ev = read_tensorboard(run / "tensorboard")
+    rows = _metrics(run)
+    assert set(ev["scalars"]) == set(rows[0]) - {"step"} and {"loss", "lr", "clip_loss"} <= set(ev["scalars"])
+    for tag, points in ev["scalars"].items():
+        assert [s for s, _ in points] == [r["step"] for r in rows], tag
+        assert [v for _, v in points] == pytest.approx([r[tag] for r in rows], rel=1e-6), tag
+    assert [s for s, _, _ in ev["images"]["samples"]] == [2, 3]        # in-loop grid at 2, final grid at 3
+    # the run "dies" after logging step 3 but before checkpointing it; resuming from step 2 must not show 3 twice
+    (run / "checkpoint-00000003.pt").unlink()
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
+    ev = read_tensorboard(run / "tensorboard")
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for tag in ("loss", "lr", "elapsed_s"):
+        assert [s for s, _ in ev["scalars"][tag]] == [1, 2, 3, 4], tag
+        assert [v for _, v in ev["scalars"][tag]] == pytest.approx([r[tag] for r in rows], rel=1e-6), tag
+    assert [s for s, _, _ in ev["images"]["samples"]] == [2, 4]
+
+
+def test_trainer_without_tensorboard_logs_one_notice_and_keeps_metrics(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from dream.train.loop import Trainer
+    from dream.utils.run_logger import TENSORBOARD_NOTICE
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with caplog.at_level(logging.INFO):
+        Trainer(_cfg(steps=2, ckpt_every=0), tmp_path).fit()
+    assert [r.getMessage() for r in caplog.records if "tensorboard" in r.getMessage()] == [TENSORBOARD_NOTICE]
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_dream_train_wandb_logs_every_step_and_resume_continues_the_same_run(tmp_path, fake_wandb):
+    from dream.cli import main
+
+    run = tmp_path / "run"
+    cfg = _cfg(steps=2, ckpt_every=2, sample_prompts=("a red circle",), sample_num_iter=2)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    args = ["--no-tensorboard", "--wandb", "--wandb-project", "proj"]
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--out", str(run), *args]) == 0
+    assert main(["train", "--resume", str(run), "--steps", "4", *args]) == 0
+    assert not (run / "tensorboard").exists()
+    a, b = fake_wandb.inits
+    assert a["id"] == b["id"] and a["project"] == b["project"] == "proj" and a["config"]["steps"] == 2
+    scalar_steps = [s for s, d in fake_wandb.logs if "loss" in d]
+    assert scalar_steps == [1, 2, 3, 4] == [r["step"] for r in _metrics(run)]
+    assert all("lr" in d and "step" not in d for s, d in fake_wandb.logs if "loss" in d)
+    assert [s for s, d in fake_wandb.logs if "samples" in d] == [2, 4]
+    assert len(fake_wandb.finished) == 2
+
+
+def test_dream_train_and_train_vae_with_wandb_missing_name_the_package(tmp_path, monkeypatch):
+    from dream.cli import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    for cmd in ("train", "train-vae"):
+        with pytest.raises(SystemExit, match="wandb"):
+            main([cmd, "--out", str(tmp_path / cmd), "--wandb"])
+        assert not (tmp_path / cmd).exists()

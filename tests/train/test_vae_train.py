@@ -84,3 +84,20 @@ def test_cli_writes_config_and_tokenizer(tmp_path):
     assert saved["steps"] == 3 and (tmp_path / "run" / "tokenizer" / "model.safetensors").exists()
     with pytest.raises(SystemExit, match="config file not found"):
         main(["train-vae", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "x")])
+
+
+def test_train_vae_logs_scalars_lr_and_recon_grid_to_tensorboard(tmp_path):
+    import yaml
+
+    from conftest import read_tensorboard
+    from dream.cli import main
+
+    cfg = tmp_path / "vae.yaml"
+    cfg.write_text(yaml.safe_dump(_cfg(steps=4, log_every=2).to_dict()))
+    assert main(["train-vae", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ev = read_tensorboard(tmp_path / "run" / "tensorboard")
+    assert set(ev["scalars"]) == set(rows[0]) - {"step"} and {"loss", "l1", "kl", "lr"} <= set(ev["scalars"])
+    for tag, points in ev["scalars"].items():
+        assert points == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in rows], tag
+    assert [s for s, _, _ in ev["images"]["recon"]] == [4]
