@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,13 +121,8 @@ def _exact(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return 0.0 if ours.shape == ref.shape and torch.equal(ours.cpu().to(ref.dtype), ref) else 1.0
 
 
-def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tuple[str, float, bool]]:
-    """Recompute every output; returns (name, error, ok) rows (``ok``: error <= ``tol``, exact for integers)."""
-    import dream
-    from dream.masking import MaskingWarmup, MaskingWarmupConfig, mask_from_orders, num_masked
-    from dream.models.contrastive import clip_loss_unfiltered, filtered_clip_loss
-    from dream.sampling import MARSampler, SamplerConfig, SemanticallyAlignedDecoding
-
+def load_fixture(fixture_dir) -> tuple[dict, dict, Optional[dict]]:
+    """(config.json, io tensors, grads or None) of a parity fixture; missing files are named."""
     fx = Path(fixture_dir)
     for name in ("config.json", "model.safetensors", "io.safetensors"):
         if not (fx / name).exists():
@@ -135,29 +130,49 @@ def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tup
     fcfg = json.loads((fx / "config.json").read_text())
     io = load_file(str(fx / "io.safetensors"))
     grads = load_file(str(fx / "grads.safetensors")) if (fx / "grads.safetensors").exists() else None
+    return fcfg, io, grads
+
+
+# outputs that are fixture inputs or substituted random values, not results to compare
+INPUTS = frozenset({
+    "latents", "t5_features", "t5_empty", "clip_tokens", "labels", "orders", "mask_ratio", "dnet_x", "dnet_t",
+    "dnet_c", "dnet_cfg_scale", "diff_t", "diff_noise", "est_idx", "gate_low_ratio", "gate_high_ratio", "cl_img",
+    "cl_txt", "cl_scale", "cl_mask", "gen_tokens", "gen_mask", "gen_t5", "gen_num_iter", "gen_step", "gen_cfg",
+    "gen_last_cfg", "sample_t5", "sample_orders", "sample_noise_tape", "sample_noise_shapes", "sad_orders",
+    "sad_noise_tape", "sad_noise_shapes", "mw_est_idx", "mw_ratio_seeded"})
+# outputs compared exactly although stored as floats
+EXACT = frozenset({"gen_mask_to_pred", "gen_mask_next", "gen_last_mask_to_pred", "gen_last_mask_next",
+                   "sad_best_idx"})
+
+
+def compute_outputs(fixture_dir, dtype: torch.dtype = torch.float32, verbose: bool = False) -> dict:
+    """Recompute every output of a fixture with our model in ``dtype`` (float32 like the official run, or float64
+    as a high-precision reference). Returns ``{name: tensor}``, gradients as ``"grad:<param>"``; an output that
+    raised maps to the exception (a failure to compute is a failure, never a skip)."""
+    import dream
+    from dream.masking import MaskingWarmup, MaskingWarmupConfig, mask_from_orders, num_masked
+    from dream.models.contrastive import clip_loss_unfiltered, filtered_clip_loss
+    from dream.sampling import MARSampler, SamplerConfig, SemanticallyAlignedDecoding
+
+    fx = Path(fixture_dir)
+    fcfg, io, grads = load_fixture(fx)
+    io = {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in io.items()}   # inputs in ``dtype``
     cfg = config_from_official(fcfg)
     torch.manual_seed(0)
-    model = dream.create_model(cfg, pretrained=fx / "model.safetensors", attn_backend="auto").eval()
-    rows: list[tuple[str, float, bool]] = []
-    done: set[str] = set()
+    model = dream.create_model(cfg, pretrained=fx / "model.safetensors", attn_backend="auto").eval().to(dtype)
+    outputs: dict = {}
 
     def check(name: str, fn: Callable[[], torch.Tensor], exact: bool = False):
-        done.add(name)
-        ref = io[name]
         try:
-            ours = fn()
-            err = _exact(ours, ref) if exact or not ref.is_floating_point() else _rel(ours, ref)
-            ok = err == 0.0 if (exact or not ref.is_floating_point()) else err <= tol
-        except Exception as e:  # a failure to compute is a failure, never a skip
-            err, ok = math.inf, False
+            outputs[name] = fn()
+        except Exception as e:  # noqa: BLE001
+            outputs[name] = e
             if verbose:
                 print(f"  {name}: {type(e).__name__}: {e}", file=sys.stderr)
-        rows.append((name, err, ok))
 
     L, C = cfg.seq_len, cfg.token_dim
     x = model.patchify(io["latents"])
     mask = io["mask"].bool()
-    labels_ok = bool((io["labels"] == 0).all())
     with torch.no_grad():
         check("x_tokens", lambda: x)
         check("enc_out", lambda: model.forward_encoder(x, mask))
@@ -233,23 +248,8 @@ def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tup
     check("mask_info_percentage_batch_with_clip", lambda: out["clip_gate"] * B / (B + 1e-6))
     model.zero_grad(set_to_none=True)
     out["loss"].backward()
-    if grads is None:
-        rows.append(("grads", math.inf, False))
-    else:
-        worst, worst_name, missing = 0.0, "", []
-        params = dict(model.named_parameters())
-        for n, ref in grads.items():
-            if n not in params:
-                missing.append(n)
-                continue
-            g = params[n].grad
-            g = torch.zeros_like(ref) if g is None else g
-            e = _rel(g, ref) if float(ref.abs().max()) > 0 else float(g.abs().max())
-            if e > worst:
-                worst, worst_name = e, n
-        missing += [n for n in params if n not in grads]
-        rows.append((f"grads (worst: {worst_name or '-'})", worst if not missing else math.inf,
-                     worst <= tol and not missing))
+    for n, prm in model.named_parameters():
+        outputs["grad:" + n] = torch.zeros_like(prm) if prm.grad is None else prm.grad
     for g in ("gate_low", "gate_high"):
         m2 = io[f"{g}_mask"].bool()
         with torch.no_grad():
@@ -323,15 +323,41 @@ def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tup
         check("sad_scores_all", lambda: sad_res["r"].scores)
         check("sad_best_idx", lambda: sad_res["r"].best, exact=True)
 
-    # inputs and RNG substitutions are not outputs; everything else must have been checked
-    inputs = {"latents", "t5_features", "t5_empty", "clip_tokens", "labels", "orders", "mask_ratio", "dnet_x",
-              "dnet_t", "dnet_c", "dnet_cfg_scale", "diff_t", "diff_noise", "est_idx", "gate_low_ratio",
-              "gate_high_ratio", "cl_img", "cl_txt", "cl_scale", "cl_mask", "gen_tokens", "gen_mask", "gen_t5",
-              "gen_num_iter", "gen_step", "gen_cfg", "gen_last_cfg", "sample_t5", "sample_orders",
-              "sample_noise_tape", "sample_noise_shapes", "sad_orders", "sad_noise_tape", "sad_noise_shapes",
-              "mw_est_idx", "mw_ratio_seeded"}
-    for name in sorted(set(io) - done - inputs):
+    return outputs
+
+
+def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tuple[str, float, bool]]:
+    """Recompute every output in float32; returns (name, error, ok) rows: error = max|ours - ref| / max|ref|,
+    ``ok`` = error <= ``tol`` (integer and mask outputs must match exactly). Gradients form one row (the worst)."""
+    _, io, grads = load_fixture(fixture_dir)
+    outputs = compute_outputs(fixture_dir, torch.float32, verbose)
+    rows: list[tuple[str, float, bool]] = []
+    for name, ours in outputs.items():
+        if name.startswith("grad:"):
+            continue
+        if isinstance(ours, Exception):
+            rows.append((name, math.inf, False))
+            continue
+        ref = io[name]
+        exact = name in EXACT or not ref.is_floating_point()
+        err = _exact(ours, ref) if exact else _rel(ours, ref)
+        rows.append((name, err, err == 0.0 if exact else err <= tol))
+    if grads is None:
+        rows.append(("grads", math.inf, False))
+    else:
+        worst, worst_name = 0.0, ""
+        ours = {n[5:]: g for n, g in outputs.items() if n.startswith("grad:")}
+        missing = sorted(set(grads) ^ set(ours))
+        for n in set(grads) & set(ours):
+            ref = grads[n]
+            e = _rel(ours[n], ref) if float(ref.abs().max()) > 0 else float(ours[n].abs().max())
+            if e > worst:
+                worst, worst_name = e, n
+        rows.append((f"grads (worst: {worst_name or '-'})", worst if not missing else math.inf,
+                     worst <= tol and not missing))
+    # inputs and RNG substitutions are not outputs; everything else must have been recomputed
+    for name in sorted(set(io) - set(outputs) - INPUTS):
         rows.append((name, math.inf, False))  # an output we do not know how to recompute
-    if not labels_ok:
+    if not bool((io["labels"] == 0).all()):
         rows.append(("labels (DREAM uses class 0 only)", math.inf, False))
     return rows

@@ -22,7 +22,7 @@ def _seed():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def official_tiny():
     if not OFFICIAL_TINY.exists():
         pytest.fail(f"official parity fixture not found at {OFFICIAL_TINY}")

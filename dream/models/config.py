@@ -98,8 +98,10 @@ class DreamConfig(ConfigBase):
                 raise ValueError(f"{name}_embed_dim {w} is not divisible by {name}_num_heads {h}")
         if self.clip_width % self.clip_heads:
             raise ValueError(f"clip_width {self.clip_width} is not divisible by clip_heads {self.clip_heads}")
-        if self.attn_backend not in ("auto", "triton", "sdpa", "math"):
-            raise ValueError(f"unknown attn_backend {self.attn_backend!r}")
+        from dream.ops.attention import BACKENDS
+
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"unknown attn_backend {self.attn_backend!r} ({' | '.join(BACKENDS)})")
 
     # serialisation ------------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike], arch: Optional[str] = None) -> Path:

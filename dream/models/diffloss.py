@@ -27,6 +27,23 @@ from dream.diffusion import GaussianDiffusion, create_diffusion
 from dream.utils import rng
 
 
+def _affine_params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of an affine layer: a plain ``nn.Linear``'s own tensors; for anything else that acts as an
+    affine map (e.g. a Linear wrapped by a LoRA adapter, in eval mode) the effective ones, read off its outputs
+    on the zero vector and the unit vectors, so fused paths see what ``forward`` computes."""
+    if type(m) is nn.Linear:
+        bias = m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=m.weight.dtype,
+                                                              device=m.weight.device)
+        return m.weight, bias
+    p = next(m.parameters())
+    n_in = m.in_features if hasattr(m, "in_features") else p.shape[-1]
+    with torch.no_grad():
+        probe = torch.cat([torch.zeros(1, n_in), torch.eye(n_in)]).to(device=p.device, dtype=p.dtype)
+        out = m(probe)                                               # (1 + n_in, n_out)
+        bias = out[0]
+        return (out[1:] - bias).T.contiguous(), bias
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -57,8 +74,12 @@ class TimestepEmbedder(nn.Module):
         if t.device.type == "cpu" and t.dim() == 1 and t.numel() > self.dedup_min_rows \
                 and not t.is_floating_point():
             uniq, inverse = torch.unique(t, return_inverse=True)
-            return torch.index_select(self.mlp(self.sinusoid(uniq, self.freq_dim)), 0, inverse)
-        return self.mlp(self.sinusoid(t, self.freq_dim))
+            return torch.index_select(self.mlp(self._freqs(uniq)), 0, inverse)
+        return self.mlp(self._freqs(t))
+
+    def _freqs(self, t: torch.Tensor) -> torch.Tensor:
+        """The float32 sinusoid (as the official code computes it), in the MLP's dtype."""
+        return self.sinusoid(t, self.freq_dim).to(self.mlp[0].weight.dtype)
 
 
 class ResBlock(nn.Module):
@@ -137,6 +158,66 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x (N, C) noisy tokens, t (N,) original-scale timesteps, c (N, Dz) -> (N, out)."""
         return self.forward_cond(x, self.time_embed(t) + self.cond_embed(c))
+
+    # ------------------------------------------------------------------------------------------
+    # fused sampling path (used by dream.sampling.diffusion_sampler; same function as ``forward``)
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fused_params(self, timesteps: torch.Tensor, device: torch.device, dtype: torch.dtype) -> dict:
+        """Weights for :meth:`fused_forward`, cast once to the compute ``dtype``: every block's Linear weights,
+        all adaLN projections concatenated into one (the ``+1`` of ``1 + scale`` folded into its bias) and the
+        time embeddings of ``timesteps`` (S,) (the original-scale steps a sampler visits)."""
+        cast = (lambda x: None if x is None else x.detach().to(device=device, dtype=dtype))
+        W = self.input_proj.out_features
+        blocks = []
+        for b in self.res_blocks:
+            w1, b1 = _affine_params(b.mlp[0])
+            w2, b2 = _affine_params(b.mlp[2])
+            blocks.append((cast(b.in_ln.weight), cast(b.in_ln.bias), cast(w1), cast(b1), cast(w2), cast(b2)))
+        ada_w, ada_b = [], []
+        for m in [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1]]:
+            w, bias = _affine_params(m)
+            bias = bias.detach().double().clone()
+            bias[W: 2 * W] += 1.0                      # (shift, scale + 1[, gate])
+            ada_w.append(w.detach())
+            ada_b.append(bias.to(w.dtype))
+        te = self.time_embed                           # (S, W) in the net's own dtype (float32 normally)
+        temb = te.mlp(te.sinusoid(timesteps.to(device), te.freq_dim).to(te.mlp[0].weight.dtype)).float()
+        return {"W": W,
+                "cond": tuple(cast(v) for v in _affine_params(self.cond_embed)),
+                "inp": tuple(cast(v) for v in _affine_params(self.input_proj)),
+                "blocks": blocks,
+                "final": tuple(cast(v) for v in _affine_params(self.final_layer.linear)),
+                "ada": (cast(torch.cat(ada_w)), cast(torch.cat(ada_b))),
+                "temb": temb.to(dtype),
+                "eps": self.res_blocks[0].in_ln.eps if len(self.res_blocks) else 1e-6,
+                "eps_final": self.final_layer.norm_final.eps}
+
+    @staticmethod
+    def fused_modulations(params: dict, c_emb: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """adaLN outputs for steps lo..hi given ``c_emb = cond_embed(z)`` (rows, W):
+        (hi - lo + 1, rows, (3 depth + 2) W) in the compute dtype."""
+        y = params["temb"][lo: hi + 1, None, :] + c_emb[None]       # (s, rows, W)
+        return F.linear(F.silu(y), *params["ada"])
+
+    @staticmethod
+    def fused_forward(x: torch.Tensor, mods: torch.Tensor, params: dict, duplicate: bool = False) -> torch.Tensor:
+        """The net given one step's precomputed modulations: x (n, C) -> out (rows, 2C). ``duplicate``: the rows
+        are [cond; uncond] halves sharing ``x`` (CFG), so the input projection runs once for both."""
+        W = params["W"]
+        m = mods.split(W, dim=-1)                                    # shift, scale+1, gate per block; final 2
+        h = F.linear(x, *params["inp"])                              # (n, W)
+        if duplicate:
+            h = torch.cat([h, h])                                    # (rows, W)
+        eps = params["eps"]
+        for j, (lw, lb, w1, b1, w2, b2) in enumerate(params["blocks"]):
+            a = F.layer_norm(h, (W,), lw, lb, eps)
+            a = torch.addcmul(m[3 * j], a, m[3 * j + 1])            # LN(h) * (1 + scale) + shift
+            a = F.linear(F.silu(F.linear(a, w1, b1)), w2, b2)
+            h = torch.addcmul(h, m[3 * j + 2], a)                    # h + gate * mlp
+        k = 3 * len(params["blocks"])
+        a = torch.addcmul(m[k], F.layer_norm(h, (W,), None, None, params["eps_final"]), m[k + 1])
+        return F.linear(a, *params["final"])
 
     def forward_with_cfg(self, x, t, c, cfg_scale: float):
         """Classifier-free guidance on eps: rows [cond; uncond] share the first half of ``x``."""

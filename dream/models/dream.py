@@ -253,15 +253,28 @@ class DREAM(nn.Module):
         return self.decoder_proj_ln(x + self.decoder_pos_embed_learned)
 
     def forward_decoder(self, h: torch.Tensor, mask: Optional[torch.Tensor], y: torch.Tensor,
-                        text_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Encoder output + mask tokens, cross-attending to y -> per-token condition z (B, L, Dd)."""
+                        text_padding_mask: Optional[torch.Tensor] = None,
+                        rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encoder output + mask tokens, cross-attending to y -> per-token condition z (B, L, Dd).
+
+        ``rows`` (B, r) long, token positions in [0, L): only those positions' conditions, (B, r, Dd). The last
+        decoder block then computes its queries, cross-attention and MLP for those rows only (a sampling step
+        needs the few positions it reveals: ~20 % of the decoder at depth 4); same values as the full output
+        gathered at ``rows``."""
         cfg = self.config
         buf = cfg.buffer_size
         x = self.decoder_input(h, mask)
-        x = run_blocks(self.decoder_blocks, x, y, y_padding_mask=text_padding_mask,
+        if rows is None:
+            x = run_blocks(self.decoder_blocks, x, y, y_padding_mask=text_padding_mask,
+                           checkpointing=cfg.grad_checkpointing)
+            return self.decoder_norm(x)[:, buf:] + self.diffusion_pos_embed_learned
+        if rows.dim() != 2 or rows.shape[0] != x.shape[0] or rows.dtype != torch.long:
+            raise ValueError(f"rows must be a (B, r) long tensor of token positions, got {tuple(rows.shape)} "
+                             f"{rows.dtype}")
+        x = run_blocks(self.decoder_blocks[:-1], x, y, y_padding_mask=text_padding_mask,
                        checkpointing=cfg.grad_checkpointing)
-        x = self.decoder_norm(x)[:, buf:]
-        return x + self.diffusion_pos_embed_learned
+        x = self.decoder_blocks[-1](x, y, text_padding_mask, rows=rows + buf)     # (B, r, Dd)
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[0][rows]
 
     # ------------------------------------------------------------------------------------------
     # losses

@@ -6,55 +6,32 @@
 All attention goes through :func:`dream.ops.attention.attention`; the backend is resolved per call
 from the module's ``attn_backend`` (``auto`` | ``triton`` | ``sdpa`` | ``math``).
 
-Training on CPU (dropout active) takes two cheaper paths that compute the same function:
+Training on CPU (dropout active): :class:`FastDropout` (used for ``proj_drop`` and the MLP's ``drop1``/``drop2``)
+draws its keep-mask with :func:`dream.ops.dropout.dropout_mask` (two 32-bit uniforms per 64-bit random word,
+~2.5x cheaper than ``bernoulli_``; plain ``F.dropout`` on CUDA), and attention dropout is one of the backends
+of :func:`dream.ops.attention.attention` (``auto`` picks ``eager`` for CPU training). Dropout masks come from
+the global torch RNG, as with ``nn.Dropout``.
 
-* :class:`FastDropout` (used for ``proj_drop`` and the MLP's ``drop1``/``drop2``) draws its keep-mask
-  from 64-bit random words split into two 32-bit uniforms (``P(drop) = round(p 2^32) / 2^32``, i.e. p
-  to within 2^-33) instead of ``bernoulli_`` on a float tensor; on CPU (1 thread, 5.2 M elements) the
-  whole dropout costs ~20-25 ms instead of ~57 ms. On CUDA it is plain ``F.dropout``.
-* :func:`train_attention` replaces SDPA's CPU "math" fallback (the only CPU SDPA path that supports
-  dropout) with softmax(q k^T / sqrt(d)) -> dropout -> @ v without SDPA's extra passes
-  (separate q/k scaling, ``_safe_softmax``'s isneginf/all/where, ``bernoulli_`` + div + mul).
-Dropout masks come from the global torch RNG, as with ``nn.Dropout``. In eval mode, or with p = 0,
-both are the identity / plain :func:`~dream.ops.attention.attention`.
+Fast path for sampling: :class:`Attention` and :class:`CrossAttentionBlock` take ``rows`` (the query rows to
+compute; keys and values still cover every position), so a decoder that only needs a few positions skips the
+queries, cross-attention and MLP of the others.
 
 Glossary: B batch, N tokens, D width, H heads, Dh head dim.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from dream.ops.attention import attention, resolve_backend
+from dream.ops.attention import attention
+from dream.ops.dropout import dropout_mask
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)
-
-
-def dropout_mask(shape: Sequence[int], p: float, dtype: torch.dtype = torch.float32,
-                 device=None) -> torch.Tensor:
-    """Scaled keep-mask for dropout: 0 with probability ``round(p 2^32) / 2^32``, else ``1 / (1 - p)``.
-
-    Each 64-bit word from the global RNG gives two uniform 32-bit integers; one integer compare per
-    element replaces ``bernoulli_``'s per-element float draw.
-
-    Args:
-        shape: mask shape; p: drop probability in (0, 1); dtype/device of the returned mask.
-    Returns:
-        (shape) tensor of ``dtype`` holding 0 or 1 / (1 - p).
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout_mask needs 0 < p < 1, got {p}")
-    n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, 2 ** 63 - 1)
-    threshold = -2 ** 31 + round(p * 2 ** 32)                       # int32 uniform >= threshold -> keep
-    keep = words.view(torch.int32)[:n] >= threshold                 # (n,) bool
-    return keep.view(torch.uint8).to(dtype).mul_(1.0 / (1.0 - p)).view(shape)
 
 
 class FastDropout(nn.Dropout):
@@ -69,38 +46,6 @@ class FastDropout(nn.Dropout):
         if x.device.type != "cpu" or self.p >= 1.0 or self.inplace or not x.is_floating_point():
             return F.dropout(x, self.p, True, self.inplace)
         return x * dropout_mask(x.shape, self.p, x.dtype, x.device)
-
-
-def train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-                    key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh) + masks) with dropout, @ v, in plain PyTorch ops (the CPU training path).
-
-    Same function as SDPA's math path with dropout: rows whose keys are all masked give 0.
-    q (B, H, Nq, Dh), k/v (B, H, Nk, Dh), key_padding_mask (B, Nk) bool True = padded.
-    """
-    s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))             # (B, H, Nq, Nk)
-    dead = None
-    if key_padding_mask is not None:
-        s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        dead = key_padding_mask.all(-1)[:, None, None, None]                    # (B, 1, 1, 1)
-    if is_causal:
-        nq, nk = s.shape[-2:]
-        s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    a = torch.softmax(s, dim=-1)
-    if dead is not None:
-        a = a.masked_fill(dead, 0.0)
-    if dropout_p > 0.0:
-        a = a * dropout_mask(a.shape, dropout_p, a.dtype, a.device)
-    return torch.matmul(a, v)
-
-
-def _attend(module: nn.Module, q, k, v, key_padding_mask=None, is_causal: bool = False) -> torch.Tensor:
-    """Dispatch: CPU training with attention dropout -> :func:`train_attention`; else ``attention``."""
-    p = module.attn_drop if module.training else 0.0
-    if p > 0.0 and q.device.type == "cpu" and resolve_backend(module.attn_backend, q, k, p) == "sdpa":
-        return train_attention(q, k, v, p, key_padding_mask, is_causal)
-    return attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal, dropout_p=p,
-                     backend=module.attn_backend)
 
 
 class Attention(nn.Module):
@@ -120,12 +65,25 @@ class Attention(nn.Module):
         self.attn_backend = attn_backend
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D); with ``rows`` (B, r) long, only those query rows: (B, r, D)."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, N, Dh)
-        x = _attend(self, q, k, v, key_padding_mask, is_causal)
-        x = x.transpose(1, 2).reshape(B, N, D)
+        H, Dh = self.num_heads, self.head_dim
+        if rows is None:
+            qkv = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)                                               # (B, H, N, Dh)
+        else:
+            if is_causal:
+                raise ValueError("rows= is not supported with causal attention")
+            w, b = self.qkv.weight, self.qkv.bias
+            xq = torch.gather(x, 1, rows[..., None].expand(-1, -1, D))            # (B, r, D)
+            q = F.linear(xq, w[:D], None if b is None else b[:D]).reshape(B, -1, H, Dh).transpose(1, 2)
+            kv = F.linear(x, w[D:], None if b is None else b[D:])                 # (B, N, 2D)
+            k, v = kv.reshape(B, N, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        p = self.attn_drop if self.training else 0.0
+        x = attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal, dropout_p=p,
+                      backend=self.attn_backend)
+        x = x.transpose(1, 2).reshape(B, q.shape[2], D)
         return self.proj_drop(self.proj(x))
 
 
@@ -152,7 +110,8 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, N, Dh)
         kv = self.kv(y).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)                                                                # (B, H, M, Dh)
-        x = _attend(self, q, k, v, key_padding_mask)
+        p = self.attn_drop if self.training else 0.0
+        x = attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=p, backend=self.attn_backend)
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(x))
 
@@ -192,8 +151,15 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = LayerNorm6(dim)
         self.mlp = _mlp(dim, mlp_ratio, proj_drop)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_padding_mask: Optional[torch.Tensor] = None):
-        x = x + self.self_attn(self.norm0(x))
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_padding_mask: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, N, D), y (B, M, Dy) -> (B, N, D). With ``rows`` (B, r) long: the block's output at those rows only,
+        (B, r, D) (self-attention keys/values still cover all N positions)."""
+        if rows is None:
+            x = x + self.self_attn(self.norm0(x))
+        else:
+            xs = torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))    # (B, r, D)
+            x = xs + self.self_attn(self.norm0(x), rows=rows)
         x = x + self.cross_attn(self.norm1(x), y, key_padding_mask=y_padding_mask)
         return x + self.mlp(self.norm2(x))
 

@@ -1,13 +1,18 @@
-"""Scaled dot-product attention with one backend switch.
+"""Scaled dot-product attention with one backend switch: :func:`resolve_backend` is the only place that picks.
 
 Backends:
-    ``math``   plain PyTorch reference (``attention_ref``), optionally upcast to fp32.
+    ``math``   the reference: plain PyTorch ``softmax(q k^T * scale + masks) v`` (:func:`attention_ref`); rows
+               whose keys are all masked give 0 (every backend follows this convention). No dropout.
     ``sdpa``   ``torch.nn.functional.scaled_dot_product_attention``.
+    ``eager``  the CPU training path: the same plain ops with dropout from :func:`dream.ops.dropout.dropout_mask`
+               (one integer compare per element), without SDPA's CPU fallback's extra passes (separate q/k
+               scaling, ``_safe_softmax``'s isneginf/all/where, ``bernoulli_`` + div + mul).
     ``triton`` the fused flash-attention kernel in ``dream.kernels`` (CUDA, or the CPU
                interpreter when ``TRITON_INTERPRET=1``).
-    ``auto``   ``sdpa``; ``triton`` on CUDA for supported dtype/shape/mask only when the environment sets
-               ``DREAM_AUTO_TRITON=1``. Measured on an H100 (benchmarks/results/bench_attention_cuda.json)
-               our kernel runs at 0.13-0.46x SDPA's speed at DREAM's shapes, so auto does not pick it.
+    ``auto``   ``eager`` for CPU tensors with dropout (training); otherwise ``sdpa``, or ``triton`` on CUDA for
+               supported dtype/shape/mask only when the environment sets ``DREAM_AUTO_TRITON=1``. Measured on an
+               H100 (benchmarks/results/bench_attention_cuda.json) our kernel runs at 0.13-0.46x SDPA's speed
+               at DREAM's shapes, so auto does not pick it by default.
 
 Shapes: q (B, H, Nq, Dh), k/v (B, H, Nk, Dh). ``key_padding_mask`` is ``bool`` (B, Nk) with
 ``True`` = padded key (excluded), following the library-wide "True = masked" convention.
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "triton", "sdpa", "math")
+BACKENDS = ("auto", "triton", "sdpa", "math", "eager")
 _FORCED: list[str] = []  # stack of scoped overrides (see ``attention_backend``)
 _LOGGED: set = set()
 
@@ -90,7 +95,12 @@ def resolve_backend(requested: str, q: torch.Tensor, k: torch.Tensor, dropout_p:
         if why is not None:
             raise RuntimeError(f"attention backend 'triton' was requested but cannot run: {why}")
         return "triton"
+    if requested == "math" and dropout_p > 0:
+        raise RuntimeError("attention backend 'math' (the reference) does not implement dropout; use 'eager' or "
+                           "'sdpa' in training")
     if requested == "auto":
+        if dropout_p > 0 and q.device.type == "cpu":
+            return "eager"
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and os.environ.get("DREAM_AUTO_TRITON") == "1":
             why = triton_unsupported_reason(q, k, dropout_p)
             if why is None:
@@ -106,20 +116,58 @@ def _bool_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attention_ref(q, k, v, *, key_padding_mask=None, is_causal=False, scale=None, upcast=True):
-    """Plain PyTorch attention: softmax(q k^T * scale + masks) v. The reference for tests."""
+    """The reference: ``softmax(q k^T * scale + masks) v`` in plain PyTorch, optionally in float32.
+
+    Rows whose keys are all masked (every key padded, or causal rows with no key) give 0, not NaN."""
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, Nq, Nk)
+    allowed = _allowed(s, key_padding_mask, is_causal)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if allowed is not None:
+        p = p.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    return torch.matmul(p, v).to(dtype)
+
+
+def _allowed(s: torch.Tensor, key_padding_mask, is_causal: bool) -> Optional[torch.Tensor]:
+    """(B|1, 1, Nq|1, Nk) bool: which keys each query may attend to (None = all)."""
+    allowed = None
+    if key_padding_mask is not None:
+        allowed = ~key_padding_mask[:, None, None, :]
     if is_causal:
         nq, nk = s.shape[-2:]
-        causal = torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(1)
-        s = s.masked_fill(causal, float("-inf"))
+        causal = torch.ones(nq, nk, dtype=torch.bool, device=s.device).tril()
+        allowed = causal if allowed is None else allowed & causal
+    return allowed
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """The ``eager`` backend: ``softmax(q * scale @ k^T + masks)``, dropout, ``@ v`` in plain ops (CPU training).
+
+    Same function as SDPA with dropout; fully masked rows give 0. Dropout masks come from the global RNG."""
+    from .dropout import dropout_mask
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q * scale, k.transpose(-2, -1))                            # (B, H, Nq, Nk)
+    dead = None
     if key_padding_mask is not None:
         s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v).to(dtype)
+        dead = key_padding_mask.all(-1)[:, None, None, None]                    # (B, 1, 1, 1)
+    if is_causal:
+        nq, nk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    a = torch.softmax(s, dim=-1)
+    if dead is not None:
+        a = a.masked_fill(dead, 0.0)
+    if dropout_p > 0.0:
+        a = a * dropout_mask(a.shape, dropout_p, a.dtype, a.device)
+    return torch.matmul(a, v)
 
 
 def attention(
@@ -148,9 +196,9 @@ def attention(
         from dream import kernels
 
         return kernels.flash_attention(q, k, v, key_padding_mask=key_padding_mask, causal=is_causal, scale=scale)
+    if name == "eager":
+        return eager_attention(q, k, v, dropout_p, key_padding_mask, is_causal, scale)
     if name == "math":
-        if dropout_p > 0:
-            raise RuntimeError("attention backend 'math' does not implement dropout; use 'sdpa' in training")
         return attention_ref(q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal, scale=scale,
                              upcast=False)
     attn_mask = None

@@ -143,68 +143,16 @@ class TokenDiffusionSampler:
         return self._cache[key]
 
     def _weights(self, device: torch.device, dtype: torch.dtype) -> dict:
-        """Net weights in the compute dtype, the concatenated adaLN projection and the timestep
-        embeddings; cached until a parameter of the net changes (keyed on parameter versions)."""
-        net = self.net
-        params = list(net.parameters())
+        """The net's fused parameters (:meth:`SimpleMLPAdaLN.fused_params`) for this sampler's timesteps,
+        cached until a parameter of the net changes (keyed on parameter versions)."""
+        params = list(self.net.parameters())
         key = (device, dtype, tuple((id(p), p._version) for p in params))
         hit = self._cache.get((device, dtype))
         if hit is not None and hit["key"] == key:
             return hit
-        with torch.no_grad():
-            cast = (lambda t: None if t is None else t.detach().to(device=device, dtype=dtype))
-            W = net.input_proj.out_features
-            blocks = [(cast(b.in_ln.weight), cast(b.in_ln.bias), cast(b.mlp[0].weight), cast(b.mlp[0].bias),
-                       cast(b.mlp[2].weight), cast(b.mlp[2].bias)) for b in net.res_blocks]
-            ada_w, ada_b = [], []
-            for m in [b.adaLN_modulation[-1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[-1]]:
-                bias = m.bias.detach().double().clone()
-                bias[W: 2 * W] += 1.0                      # (shift, scale + 1[, gate])
-                ada_w.append(m.weight.detach())
-                ada_b.append(bias.to(m.bias.dtype))
-            t = self.diffusion.timestep_map.to(device)
-            te = net.time_embed                           # (S, W) in the net's own dtype (float32 normally)
-            temb = te.mlp(te.sinusoid(t, te.freq_dim).to(te.mlp[0].weight.dtype)).float()
-            entry = {
-                "key": key, "W": W,
-                "cond": (cast(net.cond_embed.weight), cast(net.cond_embed.bias)),
-                "inp": (cast(net.input_proj.weight), cast(net.input_proj.bias)),
-                "blocks": blocks,
-                "final": (cast(net.final_layer.linear.weight), cast(net.final_layer.linear.bias)),
-                "ada": (cast(torch.cat(ada_w)), cast(torch.cat(ada_b))),
-                "temb": temb.to(dtype),
-                "eps": net.res_blocks[0].in_ln.eps if len(net.res_blocks) else 1e-6,
-                "eps_final": net.final_layer.norm_final.eps,
-            }
+        entry = {"key": key, **self.net.fused_params(self.diffusion.timestep_map, device, dtype)}
         self._cache[(device, dtype)] = entry
         return entry
-
-    @staticmethod
-    def _modulations(wt: dict, c_emb: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """adaLN outputs for steps lo..hi: (hi - lo + 1, rows, (3 depth + 2) W) in the compute dtype."""
-        y = wt["temb"][lo: hi + 1, None, :] + c_emb[None]            # (s, rows, W)
-        return F.linear(F.silu(y), *wt["ada"])                       # (s, rows, 11 W) for depth 3
-
-    # ------------------------------------------------------------------------------------------
-    # one denoising step
-    # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _trunk(x: torch.Tensor, mods: torch.Tensor, wt: dict, guided: bool) -> torch.Tensor:
-        """The MLP given precomputed modulations: x (n, C) in the compute dtype -> out (rows, 2C)."""
-        W = wt["W"]
-        m = mods.split(W, dim=-1)                                    # shift, scale+1, gate per block; final 2
-        h = F.linear(x, *wt["inp"])                                  # (n, W), shared by both CFG halves
-        if guided:
-            h = torch.cat([h, h])                                    # (rows, W)
-        eps = wt["eps"]
-        for j, (lw, lb, w1, b1, w2, b2) in enumerate(wt["blocks"]):
-            a = F.layer_norm(h, (W,), lw, lb, eps)
-            a = torch.addcmul(m[3 * j], a, m[3 * j + 1])            # LN(h) * (1 + scale) + shift
-            a = F.linear(F.silu(F.linear(a, w1, b1)), w2, b2)
-            h = torch.addcmul(h, m[3 * j + 2], a)                    # h + gate * mlp
-        k = 3 * len(wt["blocks"])
-        a = torch.addcmul(m[k], F.layer_norm(h, (W,), None, None, wt["eps_final"]), m[k + 1])
-        return F.linear(a, *wt["final"])
 
     @staticmethod
     def _ddpm_update(out: torch.Tensor, x: torch.Tensor, noise: Optional[torch.Tensor], n: int, C: int,
@@ -232,7 +180,7 @@ class TokenDiffusionSampler:
         fn = self._compiled.get(key)
         if fn is None:
             self._compiled.clear()  # the weights changed: drop stale graphs
-            trunk = self._trunk
+            trunk = self.net.fused_forward
 
             def step(x, mods, noise, co, cfg, tmul):
                 n = x.shape[0]
@@ -279,13 +227,16 @@ class TokenDiffusionSampler:
         if rows == 0:
             return torch.zeros(0, C, device=dev)
 
+        # float32 diffusion arithmetic (official), float64 throughout for a float64 net (reference runs)
+        base = torch.float64 if self.net.input_proj.weight.dtype == torch.float64 else torch.float32
+
         def draw(shape):
             if noise_fn is not None:
-                return noise_fn(shape).to(device=dev, dtype=torch.float32)
-            return rng.randn(shape, generator, dev)
+                return noise_fn(shape).to(device=dev, dtype=base)
+            return rng.randn(shape, generator, dev, base)
 
         amp = torch.is_autocast_enabled(dev.type)
-        cd = torch.get_autocast_dtype(dev.type) if amp else torch.float32
+        cd = torch.get_autocast_dtype(dev.type) if amp else base
         x = draw((n, C))                                                 # shared by both CFG halves
         with torch.autocast(dev.type, enabled=False) if amp else contextlib.nullcontext():
             wt = self._weights(dev, cd)
@@ -303,14 +254,14 @@ class TokenDiffusionSampler:
                 tmul = (torch.tensor(float(temperature), device=dev), torch.zeros((), device=dev))
             for hi in range(S - 1, -1, -chunk):
                 lo = max(0, hi - chunk + 1)
-                mods = self._modulations(wt, c_emb, lo, hi)                 # (hi - lo + 1, rows, 11 W)
+                mods = self.net.fused_modulations(wt, c_emb, lo, hi)                 # (hi - lo + 1, rows, 11 W)
                 with intra_op_threads(self.loop_threads if dev.type == "cpu" else None):
                     for i in range(hi, lo - 1, -1):
                         noise = draw((rows, C))                           # official: drawn at every step
                         if compiled:
                             x = fn(x, mods[i - lo], noise, co_t[i], cfg_t, tmul[i == 0])
                         else:
-                            out = self._trunk(x.to(cd), mods[i - lo], wt, guided).float()
+                            out = self.net.fused_forward(x.to(cd), mods[i - lo], wt, guided).to(base)
                             x = self._ddpm_update(out, x, noise if i > 0 else None, n, C, guided, float(cfg),
                                                   self._coefs[i], float(temperature), self.clip_denoised)
         return x
@@ -318,8 +269,8 @@ class TokenDiffusionSampler:
     def _sample_ddim(self, x, c_emb, wt, n, C, guided, cfg, temperature, draw):
         S = self.num_steps
         for i in reversed(range(S)):
-            mods = self._modulations(wt, c_emb, i, i)[0]
-            out = self._trunk(x.to(mods.dtype), mods, wt, guided).float()
+            mods = self.net.fused_modulations(wt, c_emb, i, i)[0]
+            out = self.net.fused_forward(x.to(mods.dtype), mods, wt, guided).to(x.dtype)
             eps = out[:n, :C]
             if guided:
                 eps = torch.add(out[n:, :C], eps - out[n:, :C], alpha=cfg)

@@ -10,7 +10,7 @@ text, it runs once per step for both CFG halves (identical results, half the enc
 Speed: the diffusion head makes ``num_iter`` x ``S`` small MLP calls; see
 :mod:`dream.sampling.diffusion_sampler` for its fast path. The decoder's last block runs only for the
 positions revealed at the step (:func:`decode_rows`; its keys/values still cover every position), which
-removes ~20 % of the decoder work at depth 4. ``SamplerConfig(precision="bf16")`` runs everything under
+removes ~20 % of the decoder work at depth 4 (the decoder's own ``rows`` argument). ``SamplerConfig(precision="bf16")`` runs everything under
 ``torch.autocast`` (the diffusion arithmetic stays float32), ``compile=True`` compiles the diffusion step.
 Host-device syncs: a few per AR step (reveal count, row selection), none inside the diffusion loop.
 """
@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dream.masking import mask_by_order, sample_orders
-from dream.ops.attention import attention
 
 from .diffusion_sampler import COMPILE_MODES, TokenDiffusionSampler
 from .schedules import cfg_at, mask_len_after
@@ -78,26 +76,10 @@ class SamplerConfig(ConfigBase):
         return torch.autocast(dev, dtype=PRECISIONS[self.precision])
 
 
-def _row_decoding_supported(model) -> bool:
-    """The last decoder block has the DREAM ``CrossAttentionBlock`` layout that :func:`decode_rows` relies on."""
-    blocks = getattr(model, "decoder_blocks", None)
-    if not blocks:
-        return False
-    last = blocks[-1]
-    need = ("norm0", "self_attn", "norm1", "cross_attn", "norm2", "mlp")
-    att = getattr(last, "self_attn", None)
-    return all(hasattr(last, a) for a in need) and all(
-        hasattr(att, a) for a in ("qkv", "num_heads", "head_dim", "proj", "proj_drop", "attn_backend"))
-
-
 def decode_rows(model, h: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, y_pad: Optional[torch.Tensor],
                 rows: torch.Tensor) -> torch.Tensor:
-    """``model.forward_decoder(h, mask, y, y_pad)[rows]``, with the last decoder block computed only for
-    the selected rows (its keys/values still use every position).
-
-    A sampling step needs the decoder output at the few positions it reveals; the last block's queries,
-    cross-attention and MLP for the other positions are wasted work (~20 % of the decoder at depth 4).
-    Falls back to the full decoder in training mode (dropout), or when rows differ in count per sample.
+    """``model.forward_decoder(h, mask, y, y_pad)[rows]`` for a boolean row mask, through the decoder's own
+    "only these rows" path (``forward_decoder(..., rows=positions)``) when every sample wants as many rows.
 
     Args:
         h: (N, K, De) encoder output; mask: (N, L) bool, True = masked; y: (N, Lt, Dd) aligned text;
@@ -105,35 +87,13 @@ def decode_rows(model, h: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, y_p
     Returns:
         (rows.sum(), Dd) in row-major (n, l) order, as boolean indexing returns them.
     """
-    blocks = model.decoder_blocks
     counts = rows.sum(1)
     r = int(counts[0]) if rows.shape[0] else 0
-    if model.training or not _row_decoding_supported(model) or not bool((counts == r).all()):
+    if not bool((counts == r).all()):
         return model.forward_decoder(h, mask, y, y_pad)[rows]
-    buf = model.config.buffer_size
-    N = h.shape[0]
-    x = model.decoder_input(h, mask)                                        # (N, buf + L, Dd)
-    for blk in blocks[:-1]:
-        x = blk(x, y, y_pad)
-    last = blocks[-1]
-    T, D = x.shape[1:]
-    pos = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :r]  # (N, r) ascending positions
-    xs = torch.gather(x, 1, (pos + buf)[..., None].expand(-1, -1, D))     # (N, r, Dd)
-    # last block, self-attention with queries at the selected rows only
-    att = last.self_attn
-    H, Dh = att.num_heads, att.head_dim
-    xn = last.norm0(x)
-    w, b = att.qkv.weight, att.qkv.bias
-    q = F.linear(torch.gather(xn, 1, (pos + buf)[..., None].expand(-1, -1, D)), w[:D], None if b is None else b[:D])
-    kv = F.linear(xn, w[D:], None if b is None else b[D:])                  # (N, T, 2D)
-    q = q.reshape(N, r, H, Dh).transpose(1, 2)
-    k, v = kv.reshape(N, T, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
-    o = attention(q, k, v, backend=att.attn_backend).transpose(1, 2).reshape(N, r, D)
-    xs = xs + att.proj_drop(att.proj(o))
-    xs = xs + last.cross_attn(last.norm1(xs), y, key_padding_mask=y_pad)
-    xs = xs + last.mlp(last.norm2(xs))
-    z = model.decoder_norm(xs) + model.diffusion_pos_embed_learned[0][pos]
-    return z.reshape(N * r, D)
+    pos = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :r]   # (N, r) ascending positions
+    z = model.forward_decoder(h, mask, y, y_pad, rows=pos)                     # (N, r, Dd)
+    return z.reshape(-1, z.shape[-1])
 
 
 @dataclass

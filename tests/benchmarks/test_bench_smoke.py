@@ -1,10 +1,9 @@
 """Training-speed paths and the training benchmark.
 
-1. The CPU training fast paths compute the same function as the plain code they replace:
-   ``dropout_mask`` / ``FastDropout`` (drop rate, scaling, gradient), ``train_attention`` vs PyTorch SDPA
-   (padding, fully padded rows, causal, gradients), the diffusion head's per-distinct-timestep
-   embedding and shared SiLU vs the per-row / per-block computation, and the CPU hybrid diffusion loss
-   vs an independent ``where``-based re-computation.
+1. The CPU training fast paths of the diffusion head compute the same function as the plain code they replace:
+   the per-distinct-timestep embedding and shared SiLU vs the per-row / per-block computation, and the CPU
+   hybrid diffusion loss vs an independent ``where``-based re-computation. (Dropout and the attention backends
+   are tested in tests/ops.)
 2. ``benchmarks/bench_train.py`` runs end to end on ``dream_test`` (one step, tiny peak matmul).
 """
 import importlib.util
@@ -14,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dream.diffusion import create_diffusion
 from dream.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 from dream.models.diffloss import SimpleMLPAdaLN, TimestepEmbedder
-from dream.models.layers import Attention, FastDropout, dropout_mask, train_attention
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train.py"
 
@@ -29,107 +26,6 @@ def _bench():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-# -----------------------------------------------------------------------------------------------
-# dropout
-# -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_mask_rate_and_values(p):
-    m = dropout_mask((400, 2500), p)
-    assert m.shape == (400, 2500) and m.dtype == torch.float32
-    vals = torch.unique(m)
-    assert torch.allclose(vals, torch.tensor([0.0, 1.0 / (1.0 - p)]))
-    rate = float((m == 0).double().mean())
-    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / m.numel())  # 5 sigma
-    # both 32-bit halves of each random word are used: even and odd positions drop at the same rate
-    flat = (m.reshape(-1) == 0).double()
-    assert abs(float(flat[0::2].mean()) - float(flat[1::2].mean())) < 0.01
-    assert dropout_mask((3, 5), p, torch.bfloat16).dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="0 < p < 1"):
-        dropout_mask((2,), 1.0)
-
-
-def test_fast_dropout_matches_dropout_semantics():
-    x = torch.randn(64, 80, 32, requires_grad=True)
-    d = FastDropout(0.25)
-    assert isinstance(d, torch.nn.Dropout)
-    out = d(x)
-    keep = out != 0
-    assert 0.2 < float((~keep).float().mean()) < 0.3
-    assert torch.allclose(out[keep], x[keep] / 0.75)
-    out.sum().backward()
-    assert torch.allclose(x.grad, keep.float() / 0.75)
-    # mean is preserved in expectation
-    big = torch.ones(2_000_000)
-    assert abs(float(d(big).mean()) - 1.0) < 0.005
-    d.eval()
-    assert d(x) is x
-    d.train()
-    d.p = 0.0  # the parity check switches dropout off this way
-    assert d(x) is x
-
-
-def test_fast_dropout_is_reproducible_under_the_global_seed():
-    d = FastDropout(0.1)
-    x = torch.randn(1000)
-    torch.manual_seed(3)
-    a = d(x)
-    torch.manual_seed(3)
-    b = d(x)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, d(x))
-
-
-# -----------------------------------------------------------------------------------------------
-# attention
-# -----------------------------------------------------------------------------------------------
-def _qkv(B=3, H=2, Nq=7, Nk=9, Dh=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, n, Dh, generator=g, dtype=torch.float64).requires_grad_() for n in (Nq, Nk, Nk)]
-
-
-def test_train_attention_matches_sdpa_with_padding_and_grads():
-    q, k, v = _qkv()
-    pad = torch.zeros(3, 9, dtype=torch.bool)
-    pad[1, 4:] = True
-    pad[2, :] = True  # fully padded row: SDPA returns 0
-    ours = train_attention(q, k, v, 0.0, pad)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :])
-    assert torch.allclose(ours, ref, atol=1e-12)
-    assert float(ours[2].detach().abs().max()) == 0.0
-    w = torch.randn_like(ref)
-    g1 = torch.autograd.grad((ours * w).sum(), (q, k, v))
-    g2 = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, atol=1e-12)
-
-
-def test_train_attention_causal_matches_sdpa():
-    q, k, v = _qkv(Nq=9, Nk=9)
-    ours = train_attention(q, k, v, 0.0, None, is_causal=True)
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(ours, ref, atol=1e-12)
-
-
-def test_train_attention_dropout_is_softmax_times_mask():
-    q, k, v = (t.detach().float() for t in _qkv())
-    torch.manual_seed(11)
-    ours = train_attention(q, k, v, 0.3)
-    torch.manual_seed(11)
-    mask = dropout_mask((3, 2, 7, 9), 0.3)
-    probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(16), dim=-1)
-    assert torch.allclose(ours, (probs * mask) @ v, atol=1e-6)
-
-
-def test_attention_module_train_path_equals_eval_path_without_dropout():
-    att = Attention(32, 4, attn_drop=0.0, proj_drop=0.0)
-    x = torch.randn(2, 5, 32)
-    att.eval()
-    ref = att(x)
-    att.train()
-    att.attn_drop = 1e-9  # forces the CPU training path; a drop this rare leaves nothing dropped here
-    assert torch.allclose(att(x), ref, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------------------------
