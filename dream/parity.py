@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +121,12 @@ def _exact(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return 0.0 if ours.shape == ref.shape and torch.equal(ours.cpu().to(ref.dtype), ref) else 1.0
 
 
-def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tuple[str, float, bool]]:
-    """Recompute every output; returns (name, error, ok) rows (``ok``: error <= ``tol``, exact for integers)."""
+def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL,
+               state_dict: Optional[dict] = None) -> list[tuple[str, float, bool]]:
+    """Recompute every output; returns (name, error, ok) rows (``ok``: error <= ``tol``, exact for integers).
+
+    ``state_dict``: weights to check instead of the fixture's ``model.safetensors`` (same architecture, loaded
+    strictly), e.g. a converted checkpoint that should reproduce the fixture's outputs."""
     import dream
     from dream.masking import MaskingWarmup, MaskingWarmupConfig, mask_from_orders, num_masked
     from dream.models.contrastive import clip_loss_unfiltered, filtered_clip_loss
@@ -137,7 +141,12 @@ def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tup
     grads = load_file(str(fx / "grads.safetensors")) if (fx / "grads.safetensors").exists() else None
     cfg = config_from_official(fcfg)
     torch.manual_seed(0)
-    model = dream.create_model(cfg, pretrained=fx / "model.safetensors", attn_backend="auto").eval()
+    model = dream.create_model(cfg, pretrained=fx / "model.safetensors" if state_dict is None else False,
+                               attn_backend="auto").eval()
+    if state_dict is not None:
+        from dream.models.convert import load_state_dict_strict
+
+        load_state_dict_strict(model, state_dict)
     rows: list[tuple[str, float, bool]] = []
     done: set[str] = set()
 
