@@ -1,6 +1,7 @@
 """Recompute every output of an official parity fixture (``dream check-parity FIXTURE_DIR``).
 
-A fixture (made with the official DREAM code, see ``shared/fixtures/official_dream_tiny/README.md``)
+A fixture (made with the official DREAM code, chaoli-charlie/dream @ 5b69ebf; the repository ships one in
+``tests/fixtures/official_dream_tiny``, its README says how it was recorded)
 holds ``config.json`` (official constructor arguments), ``model.safetensors`` (official key names),
 ``io.safetensors`` (fixed inputs, substituted RNG values, official outputs) and ``grads.safetensors``
 (d loss_total / d param). Each output is compared with max|ours - ref| / max|ref|; integer and bool
@@ -145,10 +146,14 @@ EXACT = frozenset({"gen_mask_to_pred", "gen_mask_next", "gen_last_mask_to_pred",
                    "sad_best_idx"})
 
 
-def compute_outputs(fixture_dir, dtype: torch.dtype = torch.float32, verbose: bool = False) -> dict:
+def compute_outputs(fixture_dir, dtype: torch.dtype = torch.float32, verbose: bool = False,
+                    state_dict: Optional[dict] = None) -> dict:
     """Recompute every output of a fixture with our model in ``dtype`` (float32 like the official run, or float64
     as a high-precision reference). Returns ``{name: tensor}``, gradients as ``"grad:<param>"``; an output that
-    raised maps to the exception (a failure to compute is a failure, never a skip)."""
+    raised maps to the exception (a failure to compute is a failure, never a skip).
+
+    ``state_dict``: weights to use instead of the fixture's ``model.safetensors`` (same architecture, loaded
+    strictly), e.g. a converted checkpoint that should reproduce the fixture's outputs."""
     import dream
     from dream.masking import MaskingWarmup, MaskingWarmupConfig, mask_from_orders, num_masked
     from dream.models.contrastive import clip_loss_unfiltered, filtered_clip_loss
@@ -159,7 +164,13 @@ def compute_outputs(fixture_dir, dtype: torch.dtype = torch.float32, verbose: bo
     io = {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in io.items()}   # inputs in ``dtype``
     cfg = config_from_official(fcfg)
     torch.manual_seed(0)
-    model = dream.create_model(cfg, pretrained=fx / "model.safetensors", attn_backend="auto").eval().to(dtype)
+    model = dream.create_model(cfg, pretrained=fx / "model.safetensors" if state_dict is None else False,
+                               attn_backend="auto").eval()
+    if state_dict is not None:
+        from dream.models.convert import load_state_dict_strict
+
+        load_state_dict_strict(model, state_dict)
+    model = model.to(dtype)
     outputs: dict = {}
 
     def check(name: str, fn: Callable[[], torch.Tensor], exact: bool = False):
@@ -326,11 +337,12 @@ def compute_outputs(fixture_dir, dtype: torch.dtype = torch.float32, verbose: bo
     return outputs
 
 
-def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL) -> list[tuple[str, float, bool]]:
+def run_parity(fixture_dir, verbose: bool = False, tol: float = TOL,
+               state_dict: Optional[dict] = None) -> list[tuple[str, float, bool]]:
     """Recompute every output in float32; returns (name, error, ok) rows: error = max|ours - ref| / max|ref|,
     ``ok`` = error <= ``tol`` (integer and mask outputs must match exactly). Gradients form one row (the worst)."""
     _, io, grads = load_fixture(fixture_dir)
-    outputs = compute_outputs(fixture_dir, torch.float32, verbose)
+    outputs = compute_outputs(fixture_dir, torch.float32, verbose, state_dict)
     rows: list[tuple[str, float, bool]] = []
     for name, ours in outputs.items():
         if name.startswith("grad:"):

@@ -65,13 +65,19 @@ def extract_state_dict(obj: dict, prefer_ema: bool = False) -> dict:
     return out
 
 
+def compare_state_dict(model: torch.nn.Module, sd: dict) -> dict[str, list[str]]:
+    """How ``sd`` differs from ``model.state_dict()``: sorted ``missing`` and ``unexpected`` key names and
+    ``shape_mismatch`` descriptions; all three are empty exactly when ``sd`` loads strictly."""
+    own = model.state_dict()
+    return {"missing": sorted(set(own) - set(sd)), "unexpected": sorted(set(sd) - set(own)),
+            "shape_mismatch": sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                                     for k in set(own) & set(sd) if own[k].shape != sd[k].shape)}
+
+
 def check_state_dict(model: torch.nn.Module, sd: dict) -> None:
     """Raise if ``sd`` does not match ``model`` exactly (missing, unexpected, shapes)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    diff = compare_state_dict(model, sd)
+    missing, unexpected, shapes = diff["missing"], diff["unexpected"], diff["shape_mismatch"]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
@@ -89,11 +95,16 @@ def load_state_dict_strict(model: torch.nn.Module, sd: dict) -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def read_state_dict(path: Union[str, os.PathLike], prefer_ema: bool = False,
+                    allow_args_namespace: bool = False) -> dict:
+    """The cleaned state dict of an official or dream checkpoint (file or folder; see module docstring)."""
+    return extract_state_dict(_read(Path(path), allow_args_namespace), prefer_ema=prefer_ema)
+
+
 def load_checkpoint_into(model: torch.nn.Module, path: Union[str, os.PathLike], prefer_ema: bool = False,
                          allow_args_namespace: bool = False) -> torch.nn.Module:
     """Load an official or dream checkpoint into ``model`` strictly (see module docstring)."""
-    sd = extract_state_dict(_read(Path(path), allow_args_namespace), prefer_ema=prefer_ema)
-    load_state_dict_strict(model, sd)
+    load_state_dict_strict(model, read_state_dict(path, prefer_ema, allow_args_namespace))
     return model
 
 
