@@ -69,7 +69,7 @@ def _feature_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register ``fid``, ``clipscore``, ``linprobe``, ``fewshot`` and ``retrieval``."""
+    """Register ``fid``, ``clipscore``, ``linprobe``, ``fewshot``, ``retrieval`` and ``geneval-shapes``."""
     sub = parser.add_subparsers(dest="eval_command", metavar="METRIC")
 
     p = sub.add_parser("fid", help="FID (+ Inception Score) of an image set against a reference")
@@ -117,6 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--episodes", type=int, default=600)
             p.add_argument("--classifier", choices=["prototype", "logreg"], default="prototype")
             p.add_argument("--seed", type=int, default=0)
+
+    from dream.cli import geneval
+
+    geneval.add_arguments(sub.add_parser("geneval-shapes", help="GenEval's six categories on ShapesWorld prompts "
+                                         "(exact verifier), prompt accuracy, over-count rate, FID (CNN)"))
 
     p = sub.add_parser("retrieval", help="image<->text recall@1/5/10 with the DREAM contrastive head")
     p.add_argument("--images", required=True, help="image folder (sorted order)")
@@ -427,9 +432,11 @@ def _run_retrieval(args) -> int:
 def run(args) -> int:
     """Dispatch ``dream eval <metric>``."""
     cmd = getattr(args, "eval_command", None)
+    from dream.cli import geneval
+
     handlers = {"fid": _run_fid, "clipscore": _run_clipscore, "linprobe": _run_linprobe,
-                "fewshot": _run_fewshot, "retrieval": _run_retrieval}
+                "fewshot": _run_fewshot, "retrieval": _run_retrieval, "geneval-shapes": geneval.run}
     if cmd not in handlers:
-        print("usage: dream eval {fid,clipscore,linprobe,fewshot,retrieval} ... (see --help)", file=sys.stderr)
+        print(f"usage: dream eval {{{','.join(handlers)}}} ... (see --help)", file=sys.stderr)
         return 2
     return handlers[cmd](args)
