@@ -26,6 +26,8 @@ Properties:
   makes the next ``iter(loader)`` fast-forward every worker to its position (skipped raw samples are read
   but not decoded; their random numbers are still consumed) and rotate worker ids so that the round robin
   continues with the right worker: the remaining batches are bit-identical to an uninterrupted epoch.
+  Iterating draws nothing from the global torch RNG (the DataLoader gets its own generator), so a resumed
+  trainer's dropout stream is unchanged.
   Requirements: same shards, seed, batch size, ``num_workers``, ``world_size`` and rank. For a single
   worker (``num_workers <= 1``) the state reduces to one integer, ``start_index`` = raw samples of this
   rank's epoch already consumed (``state_dict()["workers"][0]["next_index"]``).
@@ -97,7 +99,7 @@ SKIP_REASONS = (
 
 _MASK64 = (1 << 64) - 1
 # Stream ids for mix_seed (arbitrary distinct constants).
-_SHARD_ORDER, _SHARD_PICK, _SAMPLE_SHUFFLE, _AUGMENT = 0x51A4D, 0x9C1C, 0x5F0F, 0xA06
+_SHARD_ORDER, _SHARD_PICK, _SAMPLE_SHUFFLE, _AUGMENT, _LOADER = 0x51A4D, 0x9C1C, 0x5F0F, 0xA06, 0x10AD
 
 
 def mix_seed(*parts: int) -> int:
@@ -679,8 +681,13 @@ class ImageTextLoader:
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context)
+        # The DataLoader draws its workers' base seed when an iterator is created: from ``generator``, or else from
+        # the global torch RNG, which would shift the trainer's dropout stream on every resume. Ours is a pure
+        # function of (seed, epoch, rank), so the loader consumes no global randomness.
+        generator = _generator(self.dataset.config.seed, self.epoch, _LOADER, self.dataset.rank)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=generator, **kwargs
         )
         try:
             for item in loader:

@@ -3,7 +3,8 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` per process. Everything random is
 drawn from one ``torch.Generator`` per process (seed + rank) whose state is checkpointed together with
 the global torch RNG (dropout), so ``--resume`` continues exactly. For ShapesWorld the data position is
-a pure function of the step; for shards the loader's position is checkpointed.
+a pure function of the step; for shards the loader's position is checkpointed. Neither loader draws from the
+global RNG (their DataLoaders get their own generators), so rebuilding one on resume leaves dropout unchanged.
 """
 from __future__ import annotations
 
@@ -122,9 +123,13 @@ class ShapesBatches:
         if self.num_workers <= 0:
             return self.render(k)
         if self._it is None or self._next != k:
+            # own generator: creating the iterator must not draw from the global RNG (dropout; exact resume)
+            from dream.data.webdataset import mix_seed
+
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, k))
             loader = torch.utils.data.DataLoader(_ShapesSteps(self), batch_size=None, sampler=_From(k),
                                                  num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                                 prefetch_factor=4, persistent_workers=False)
+                                                 prefetch_factor=4, persistent_workers=False, generator=gen)
             self._it = iter(loader)
         self._next = k + 1
         return next(self._it)
