@@ -23,6 +23,7 @@ class TrainConfig(ConfigBase):
     use_text_padding_mask: bool = False       # official DREAM: no padding mask
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    data_options: dict = field(default_factory=dict)  # shards: WebDatasetConfig fields, e.g. max_member_bytes
     # --- schedule ---
     batch_size: int = 64                      # per process
     grad_accum: int = 1

@@ -149,7 +149,7 @@ class ShardBatches:
 
         self.loader = make_dataloader(urls, batch, image_size, num_workers=cfg.num_workers,
                                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank,
-                                      world_size=world, log_fn=log.info)
+                                      world_size=world, log_fn=log.info, **cfg.data_options)
         self.it = None
 
     def get(self, step: int, micro: int) -> dict:
