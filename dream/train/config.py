@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from dream.utils.config import ConfigBase
+from dream.utils.config import ConfigBase, ConfigError, check_seed
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,13 @@ class TrainConfig(ConfigBase):
     sample_num_iter: int = 16
     sample_cfg: float = 3.0
     sample_clip_denoised: Optional[float] = None  # clamp the head's x0 when sampling VAE tokens (pixels: 1.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            check_seed(self.seed, "TrainConfig.seed", bits=63)     # 63 bits: seed + rank still fits
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def run_config(cls, command: str, args, saved_name: str):

@@ -234,7 +234,8 @@ class Trainer:
         from dream.text.inputs import TextInputs
 
         self.text = TextInputs(cfg.text_encoder, self.mcfg.text_embed_dim, self.mcfg.text_max_len,
-                               self.mcfg.clip_context_length, self.device, cfg.use_text_padding_mask)
+                               self.mcfg.clip_context_length, self.device, cfg.use_text_padding_mask,
+                               clip_vocab_size=self.mcfg.clip_vocab_size)
         if cfg.data == "shapes":
             self.data = ShapesBatches(cfg.shapes, self.mcfg.img_size, cfg.batch_size, cfg.grad_accum,
                                       self.rank, self.world, cfg.seed, num_workers=cfg.num_workers,
