@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import clean_stale_temp_files, disk_full_hint, load_checkpoint, load_resumable, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
@@ -199,6 +199,8 @@ class Trainer:
         self.device = D.init_from_env(cfg.device)
         self.rank, self.world = D.rank(), D.world_size()
         self.out.mkdir(parents=True, exist_ok=True)
+        if D.is_main():
+            clean_stale_temp_files(self.out)    # debris of a write that was killed or hit a full disk
         torch.manual_seed(cfg.seed + self.rank)
         self.gen = torch.Generator().manual_seed(cfg.seed + self.rank)
 
@@ -263,14 +265,41 @@ class Trainer:
             return None
         return save_checkpoint(self.state(), self.out, self.step, self.cfg.keep_ckpts)
 
+    _STATE_KEYS = ("model", "optimizer", "scaler", "step", "masking", "rng_torch", "rng_gen", "data")
+
+    def _check_resumable(self, st: dict, path: Path) -> None:
+        """Raise unless ``st`` is a complete training state for this model (before anything is changed)."""
+        from dream.models.convert import check_state_dict
+
+        missing = [k for k in self._STATE_KEYS if k not in st]
+        if missing:
+            raise KeyError(f"training state without {missing}")
+        check_state_dict(self.model, st["model"], path)
+
+    def _check_same_data(self, st: dict, path: Path) -> None:
+        saved = (st.get("train_config") or {}).get("data")
+        if saved is None or saved == self.cfg.data:
+            return
+        if (saved == "shapes") != (self.cfg.data == "shapes"):
+            raise ValueError(f"--resume: {path} was trained on data {saved!r} but this run reads {self.cfg.data!r}; "
+                             f"the data position cannot carry over to another kind of source. Resume with the same "
+                             f"data, or start a new run from these weights with --init-from {path}")
+        log.warning("--resume: the data changed from %r to %r; the saved position is applied to the new shards",
+                    saved, self.cfg.data)
+
     def resume(self, path: Optional[os.PathLike] = None) -> None:
-        path = path or latest_checkpoint(self.out)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
-        st = load_checkpoint(path)
+        """Continue from ``path``, or from the newest checkpoint in the run folder that loads (newer ones that do
+        not, e.g. truncated by a crash, are skipped with a warning naming them and why)."""
+        if path is not None:
+            path = Path(path)
+            st = load_checkpoint(path)
+            self._check_resumable(st, path)
+        else:
+            path, st = load_resumable(self.out, self._check_resumable)
+        self._check_same_data(st, path)
         from dream.models.convert import load_state_dict_strict
 
-        load_state_dict_strict(self.model, st["model"])
+        load_state_dict_strict(self.model, st["model"], path)
         if self.ema and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["optimizer"])
@@ -289,8 +318,9 @@ class Trainer:
             # the checkpoint's history so the file and the resumed run agree (no duplicated steps)
             metrics = self.out / "metrics.jsonl"
             tmp = metrics.with_name(metrics.name + f".tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-            os.replace(tmp, metrics)
+            with disk_full_hint(metrics, cleanup=tmp):
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+                os.replace(tmp, metrics)
             log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------------------------------
@@ -374,7 +404,7 @@ class Trainer:
                 last_t, images_since = now, 0
                 self.history.append(stats)
                 if D.is_main():
-                    with open(metrics_path, "a") as f:
+                    with disk_full_hint(metrics_path), open(metrics_path, "a") as f:
                         f.write(json.dumps(stats) + "\n")
                     self.run_log.log_scalars(self.step, {k: v for k, v in stats.items() if k != "step"})
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", diff=f"{stats['diff_loss']:.3f}",
