@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 __all__ = ["SKIP_REASONS", "SkipSample", "iter_shard", "decode_caption", "decode_image", "check_shape",
-           "runs_a_command"]
+           "runs_a_command", "command_urls"]
 
 logger = logging.getLogger("dream.data")
 
@@ -73,6 +73,13 @@ def runs_a_command(url: str) -> bool:
         return True
     scheme = urlparse(url).scheme
     return len(scheme) > 1 and scheme != "file"          # (a one-letter scheme is a Windows drive)
+
+
+def command_urls(spec: str) -> list:
+    """The URLs of a shard spec (brace patterns, ``::``-joined) that :func:`runs_a_command`."""
+    import braceexpand  # dependency of webdataset
+
+    return [u for part in str(spec).split("::") if part for u in braceexpand.braceexpand(part) if runs_a_command(u)]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -530,14 +530,15 @@ class ImageTextLoader:
 
         Raises:
             ValueError: the state was saved with another worker count / world size / rank / batch size /
-                seed, for which an exact resume is impossible.
+                seed, for which an exact resume is impossible, or is not a shard loader's state.
         """
         expect = {"num_workers": self.workers, "world_size": self.dataset.world_size, "rank": self.dataset.rank,
                   "batch_size": self.dataset.config.batch_size, "seed": self.dataset.config.seed}
         missing = set(expect) | {"epoch", "workers", "next_worker"}
         missing -= set(state)
         if missing:
-            raise KeyError(f"data state is missing keys {sorted(missing)}")
+            raise ValueError(f"not a shard loader's data state (missing keys {sorted(missing)}): was it saved "
+                             "for another kind of data?")
         bad = {k: (state[k], v) for k, v in expect.items() if state[k] != v}
         if bad:
             raise ValueError(f"cannot resume data exactly, settings differ (saved, current): {bad}")

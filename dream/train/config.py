@@ -84,3 +84,17 @@ def run_config(cls, command: str, args, saved_name: str):
             raise SystemExit(f"{command}: config file not found: {args.config}")
         return out, cls.load(args.config)
     return out, cls()
+
+
+def refuse_command_urls(data: str, source: Path, command: str = "dream train") -> None:
+    """End the command if ``data`` (read from the run-folder file ``source``) holds shard URLs that start a
+    program when opened (``pipe:CMD`` runs CMD in a shell; ``https://`` etc. run curl / gsutil): a run folder can
+    come from someone else, and its checkpoints are loaded without running code, so its config must not either."""
+    from dream.data.decoding import command_urls
+
+    bad = command_urls(data)
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise SystemExit(f"{command} --resume: {source} sets data to URLs that run a program when opened: "
+                         f"{bad[:3]}{more}. They are not opened from a run folder's config: pass the data again "
+                         f"with --data, or add --allow-command-urls if you trust this folder")
