@@ -151,3 +151,18 @@ def test_limits_are_config_fields_and_skips_name_them(tmp_path):
     assert ld.stats["skipped"] == {"too_large": 3}
     ld = loader()
     assert [k for b in ld for k in b["key"]] == ["k0", "wide", "many", "huge", "k1"]
+
+
+def test_dream_train_passes_the_limits_through_data_options(tmp_path):
+    from dream.train import TrainConfig
+    from dream.train.loop import ShardBatches
+
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        _good(tar, "k0")
+    cfg = TrainConfig(data=str(shard), data_options={"max_image_pixels": 100, "max_member_bytes": 1 << 20})
+    data = ShardBatches(str(shard), 8, 1, cfg, 0, 1)
+    assert data.loader.dataset.config.max_image_pixels == 100
+    assert data.loader.dataset.config.max_member_bytes == 1 << 20
+    with pytest.raises(TypeError, match="max_image_pixel"):
+        ShardBatches(str(shard), 8, 1, cfg.replace(data_options={"max_image_pixel": 1}), 0, 1)
