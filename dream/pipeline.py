@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from dream.utils.config import ConfigError, read_config_file
+from dream.utils.config import ConfigError, check_seed, read_config_file
 
 PIPELINE_FILE = "pipeline.json"
 # what ``generate`` uses when neither the call nor the pipeline (``pipeline.json``) says otherwise
@@ -95,7 +95,7 @@ class DreamPipeline:
             raise ValueError(f"unknown sampling defaults {unknown} (known: {sorted(SAMPLING_DEFAULTS)})")
         self.sampling_defaults = dict(sampling_defaults or {})
         self.text = TextInputs(text_encoder, c.text_embed_dim, c.text_max_len, c.clip_context_length, self.device,
-                               use_padding_mask)
+                               use_padding_mask, clip_vocab_size=c.clip_vocab_size)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -131,6 +131,9 @@ class DreamPipeline:
 
     # ------------------------------------------------------------------------------------------
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 -> [-1, 1]; the tokenizer then checks layout, finiteness and range."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a (B, 3, H, W) tensor, got {type(images).__name__}")
         if images.dtype == torch.uint8:
             images = images.float() / 127.5 - 1
         return images.to(self.device)
@@ -182,6 +185,8 @@ class DreamPipeline:
             raise ValueError("choose one of sad=(K, tau) and rerank=K")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seed is not None:
+            check_seed(seed)
         if clip_denoised == "default":
             clip_denoised = self.clip_denoised
         d = {**SAMPLING_DEFAULTS, **self.sampling_defaults}

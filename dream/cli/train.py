@@ -29,13 +29,16 @@ def add_arguments(p):
     p.add_argument("--resume", metavar="RUN", help="resume the run in this folder from its last checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any config field (JSON value)")
+    p.add_argument("--allow-command-urls", action="store_true",
+                   help="with --resume: open shard URLs from the run folder's train_config.json that start a program "
+                        "(pipe:CMD, or https:// etc. through curl); refused by default unless --data is given again")
     for flag, (field, typ) in _FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=None, help=f"override `{field}`")
     run_logger.add_arguments(p)
 
 
 def run(args) -> int:
-    from dream.train.config import TrainConfig, run_config
+    from dream.train.config import TrainConfig, refuse_command_urls, run_config
     from dream.train.loop import Trainer
     from dream.utils.run_logger import options_from_args
 
@@ -50,6 +53,8 @@ def run(args) -> int:
             over[k] = v
     if args.compile:
         over["compile"] = True
+    if args.resume and "data" not in over and not args.allow_command_urls:
+        refuse_command_urls(cfg.data, Path(args.resume) / "train_config.json")
     cfg = cfg.replace(**over)
     Path(out).mkdir(parents=True, exist_ok=True)
     from dream.train import distributed as D

@@ -8,6 +8,10 @@ The official DREAM/MAR training transform is the ADM (guided-diffusion, arXiv 21
 
 followed by ``RandomHorizontalFlip(0.5)`` (the caption is not changed) and scaling to ``[-1, 1]``.
 Re-implemented from the description in ``dream_spec.md`` section 3.1; flips take a ``torch.Generator``.
+
+Step 2 scales the short side *up* when it is below ``size``: an image with an extreme aspect ratio (a 467-byte
+400000x1 PNG) would become gigabytes. The output of every resize step is therefore bounded by ``max_pixels``
+(default :data:`DEFAULT_MAX_RESIZE_PIXELS`) and checked before it is allocated (:class:`ImageTooLarge`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "DEFAULT_MAX_RESIZE_PIXELS",
+    "ImageTooLarge",
     "adm_center_crop",
     "pil_to_tensor",
     "ImageTransform",
@@ -27,26 +33,49 @@ __all__ = [
 ]
 
 
-def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+#: Default bound on the pixels of any image a resize step of :func:`adm_center_crop` makes (2**24: 48 MiB as RGB;
+#: at 256 px this allows aspect ratios up to 256:1).
+DEFAULT_MAX_RESIZE_PIXELS = 1 << 24
+
+
+class ImageTooLarge(ValueError):
+    """A resize step of the crop would exceed its pixel bound (the message names the limit)."""
+
+
+def _resize(image: Image.Image, new_size: tuple, resample, original: tuple, max_pixels: Optional[int]) -> Image.Image:
+    w, h = new_size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLarge(f"image {original[0]}x{original[1]}: the crop would resize it to {w}x{h} "
+                            f"({w * h:,} pixels) > max_resize_pixels ({max_pixels:,}); extreme aspect ratio?")
+    return image.resize(new_size, resample=resample)
+
+
+def adm_center_crop(image: Image.Image, size: int,
+                    max_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS) -> Image.Image:
     """ADM centre crop of a PIL image to ``size x size`` (box-halve, bicubic resize, centre crop).
 
     Args:
         image: a PIL image (any mode; converted to RGB).
         size: output side length.
+        max_pixels: bound on the output of every resize step (None: unbounded).
 
     Returns:
         RGB PIL image of size ``(size, size)``.
+
+    Raises:
+        ImageTooLarge: a resize step would make more than ``max_pixels`` pixels (checked before resizing).
     """
     if size <= 0:
         raise ValueError(f"crop size must be positive, got {size}")
     if image.width <= 0 or image.height <= 0:
         raise ValueError(f"image has an empty size {image.size}")
+    original = image.size
     if image.mode != "RGB":
         image = image.convert("RGB")
     while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        image = _resize(image, tuple(x // 2 for x in image.size), Image.BOX, original, max_pixels)
     scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    image = _resize(image, tuple(round(x * scale) for x in image.size), Image.BICUBIC, original, max_pixels)
     left = (image.width - size) // 2
     top = (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
@@ -73,10 +102,12 @@ class ImageTransform:
     Attributes:
         image_size: output side length.
         flip_prob: probability of a horizontal flip (0.5 for training, 0 for evaluation).
+        max_resize_pixels: bound on every resize step of the crop (see :func:`adm_center_crop`).
     """
 
     image_size: int = 256
     flip_prob: float = 0.5
+    max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -86,7 +117,7 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Return the transformed image as a float tensor (3, image_size, image_size) in ``[-1, 1]``."""
-        x = pil_to_tensor(adm_center_crop(image, self.image_size))
+        x = pil_to_tensor(adm_center_crop(image, self.image_size, self.max_resize_pixels))
         if self.flip_prob > 0:
             coin = torch.rand((), generator=generator)
             if float(coin) < self.flip_prob:

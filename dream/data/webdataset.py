@@ -16,7 +16,9 @@ Properties:
   same batches. ``resampled=True`` draws shards with replacement (infinite stream cut to
   ``batches_per_epoch``, equal on every rank, which is what keeps DDP in step).
 * **Robustness.** Samples with a missing/corrupt image or a missing/empty caption are skipped and counted
-  by reason; unreadable shards are counted too. Workers report their counts with every batch (and in a
+  by reason; unreadable shards are counted too. Sizes are bounded (``max_member_bytes``, ``max_sample_bytes``,
+  ``max_image_pixels``, ``max_resize_pixels``; see :mod:`dream.data.decoding`): an input over a limit is skipped
+  as ``too_large`` before it is read, decoded or resized. Workers report their counts with every batch (and in a
   final end-of-stream record), :class:`ImageTextLoader` aggregates them into ``loader.stats`` and logs one
   summary line per epoch.
 * **Exact resume.** Every raw sample (after the shuffle buffer) has a position in its worker's stream, and
@@ -26,6 +28,8 @@ Properties:
   makes the next ``iter(loader)`` fast-forward every worker to its position (skipped raw samples are read
   but not decoded; their random numbers are still consumed) and rotate worker ids so that the round robin
   continues with the right worker: the remaining batches are bit-identical to an uninterrupted epoch.
+  Iterating draws nothing from the global torch RNG (the DataLoader gets its own generator), so a resumed
+  trainer's dropout stream is unchanged.
   Requirements: same shards, seed, batch size, ``num_workers``, ``world_size`` and rank. For a single
   worker (``num_workers <= 1``) the state reduces to one integer, ``start_index`` = raw samples of this
   rank's epoch already consumed (``state_dict()["workers"][0]["next_index"]``).
@@ -49,20 +53,20 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import logging
 import os
-import tarfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
 
-from dream.data.transforms import ImageTransform
+from dream.data.decoding import SKIP_REASONS, SkipSample, check_shape, check_size, decode_caption, decode_image
+from dream.data.decoding import has_scheme as _has_scheme
+from dream.data.decoding import iter_shard as _iter_shard
+from dream.data.transforms import DEFAULT_MAX_RESIZE_PIXELS, ImageTooLarge, ImageTransform
 from dream.utils.config import ConfigBase
 
 __all__ = [
@@ -80,24 +84,9 @@ __all__ = [
 
 logger = logging.getLogger("dream.data")
 
-#: Reasons a sample (or shard) can be skipped, in the order they are checked.
-SKIP_REASONS = (
-    "missing_image",
-    "missing_caption",
-    "empty_caption",
-    "bad_caption",  # not UTF-8
-    "bad_json",
-    "corrupt_image",
-    "transform_error",
-    "bad_shape",  # wrong shape / dtype or non-finite values after decoding
-    "missing_latent",  # latent cache: no ``safetensors`` member or missing tensors
-    "corrupt_latent",  # latent cache: unreadable ``safetensors`` member
-    "shard_error",  # counts shards (or the tail of a shard) that could not be read, not samples
-)
-
 _MASK64 = (1 << 64) - 1
 # Stream ids for mix_seed (arbitrary distinct constants).
-_SHARD_ORDER, _SHARD_PICK, _SAMPLE_SHUFFLE, _AUGMENT = 0x51A4D, 0x9C1C, 0x5F0F, 0xA06
+_SHARD_ORDER, _SHARD_PICK, _SAMPLE_SHUFFLE, _AUGMENT, _LOADER = 0x51A4D, 0x9C1C, 0x5F0F, 0xA06, 0x10AD
 
 
 def mix_seed(*parts: int) -> int:
@@ -115,10 +104,6 @@ def mix_seed(*parts: int) -> int:
 
 def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix_seed(*parts))
-
-
-def _has_scheme(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
 
 
 def expand_urls(urls: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]) -> List[str]:
@@ -165,6 +150,14 @@ class WebDatasetConfig(ConfigBase):
         json_caption_fields: caption fields of the json member, tried in order.
         image_keys: image members tried in order.
         max_logged_errors: per worker, how many skipped samples are logged with details.
+
+    Limits (a sample over one is skipped and counted as ``too_large``, the log line names the limit):
+        max_member_bytes: size of one tar member; a larger one is never read (the stream skips over it).
+        max_sample_bytes: all members of one sample together.
+        max_image_pixels: width x height of the image, read from its header before decoding (default: PIL's
+            decompression-bomb threshold; PIL's own error at twice its threshold still applies).
+        max_resize_pixels: the output of every resize step of the default ADM crop (an image with an extreme
+            aspect ratio would otherwise be scaled up to gigabytes: 400000x1 at 32 px is 409.6 M pixels).
     """
 
     batch_size: int = 64
@@ -179,6 +172,10 @@ class WebDatasetConfig(ConfigBase):
     json_caption_fields: tuple = ("caption", "text")
     image_keys: tuple = ("jpg", "jpeg", "png", "webp")
     max_logged_errors: int = 5
+    max_member_bytes: int = 64 << 20
+    max_sample_bytes: int = 256 << 20
+    max_image_pixels: int = 89_478_485
+    max_resize_pixels: int = DEFAULT_MAX_RESIZE_PIXELS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,6 +187,9 @@ class WebDatasetConfig(ConfigBase):
             raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.batches_per_epoch is not None and self.batches_per_epoch <= 0:
             raise ValueError(f"batches_per_epoch must be positive, got {self.batches_per_epoch}")
+        for name in ("max_member_bytes", "max_sample_bytes", "max_image_pixels", "max_resize_pixels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.resampled and self.batches_per_epoch is None:
             raise ValueError("resampled=True gives an infinite stream: set batches_per_epoch")
         object.__setattr__(self, "caption_keys", tuple(self.caption_keys))
@@ -219,53 +219,6 @@ class _Uniforms:
         return min(int(self.next() * n), n - 1)
 
 
-def _split_key(name: str):
-    """``dir/key.ext1.ext2`` -> (``dir/key``, ``ext1.ext2``); webdataset's key convention."""
-    base = os.path.basename(name)
-    if "." not in base:
-        return None, None
-    stem, ext = base.split(".", 1)
-    prefix = name[: len(name) - len(base)] + stem
-    return prefix, ext.lower()
-
-
-def _iter_shard(url: str, counts: collections.Counter) -> Iterator[Dict[str, Any]]:
-    """Grouped raw samples of one tar shard; read errors are counted (``shard_error``) and end the shard."""
-    stream = None
-    current: Optional[Dict[str, Any]] = None
-    try:
-        if _has_scheme(url):
-            from webdataset.gopen import gopen
-
-            stream = gopen(url, "rb")
-        else:
-            stream = open(url, "rb")
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                prefix, ext = _split_key(info.name)
-                if prefix is None or os.path.basename(prefix).startswith("__"):
-                    continue  # no extension, or webdataset metadata
-                data = tar.extractfile(info).read()
-                if current is not None and current["__key__"] != prefix:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": prefix, "__url__": url}
-                current[ext] = data  # a duplicate extension keeps the last member
-        if current is not None:
-            yield current
-            current = None
-    except Exception as exn:  # noqa: BLE001 - any read failure of a shard is counted, never fatal
-        counts["shard_error"] += 1
-        logger.warning("shard %s: read error (%s: %s); continuing with the next shard", url, type(exn).__name__, exn)
-        # NOTE: the sample being assembled when the error happened may be incomplete; it is dropped.
-    finally:
-        if stream is not None:
-            stream.close()
-
-
 def _shuffled(items: Iterable[Any], bufsize: int, rng: _Uniforms) -> Iterator[Any]:
     """Deterministic streaming shuffle with a buffer of ``bufsize`` items."""
     if bufsize <= 1:
@@ -283,71 +236,6 @@ def _shuffled(items: Iterable[Any], bufsize: int, rng: _Uniforms) -> Iterator[An
         j = rng.index(len(buf))
         buf[j], buf[-1] = buf[-1], buf[j]
         yield buf.pop()
-
-
-# --------------------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------------------
-class SkipSample(Exception):
-    """Raised by ``decode_sample`` to skip a sample; ``reason`` is one of :data:`SKIP_REASONS`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason, detail)
-        self.reason, self.detail = reason, detail
-
-
-def decode_caption(sample: Dict[str, Any], cfg: WebDatasetConfig):
-    """Caption and json metadata of a raw sample: returns ``(caption, meta or None)``, raises SkipSample."""
-    meta = None
-    if "json" in sample:
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-            raise SkipSample("bad_json", str(exn)) from None
-        if not isinstance(meta, dict):
-            meta = {"value": meta}
-    found_empty = False
-    for key in cfg.caption_keys:
-        if key not in sample:
-            continue
-        if key == "json":
-            values = [meta.get(f) for f in cfg.json_caption_fields if meta is not None]
-            values = [v for v in values if isinstance(v, str)]
-            if not values:
-                continue
-            text = next((v for v in values if v.strip()), "")
-        else:
-            try:
-                text = sample[key].decode("utf-8")
-            except UnicodeDecodeError as exn:
-                raise SkipSample("bad_caption", str(exn)) from None
-        text = text.strip()
-        if text:
-            return text, meta
-        found_empty = True
-    raise SkipSample("empty_caption" if found_empty else "missing_caption")
-
-
-def _decode_image(sample: Dict[str, Any], cfg: WebDatasetConfig) -> Image.Image:
-    """Fully decode the first image member. Raises SkipSample."""
-    key = next((k for k in cfg.image_keys if k in sample), None)
-    if key is None:
-        raise SkipSample("missing_image", f"members: {sorted(k for k in sample if not k.startswith('__'))}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(sample[key]))
-            image.load()  # decodes everything: truncated data raises here
-    except Exception as exn:  # noqa: BLE001 - PIL raises many types for bad data
-        raise SkipSample("corrupt_image", f"{type(exn).__name__}: {exn}") from None
-    return image
-
-
-def check_shape(name: str, x: Any, expected: tuple) -> None:
-    """Raise ``SkipSample("bad_shape")`` unless ``x`` is a finite tensor of shape ``expected``."""
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(expected) or not bool(torch.isfinite(x).all()):
-        detail = f"{name}: got {getattr(x, 'shape', type(x))}, expected finite {tuple(expected)}"
-        raise SkipSample("bad_shape", detail)
 
 
 def _stack(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -397,7 +285,8 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.urls = expand_urls(urls)
         self.config = config if config is not None else WebDatasetConfig()
-        self.transform = transform if transform is not None else ImageTransform(self.config.image_size, 0.5)
+        self.transform = transform if transform is not None else \
+            ImageTransform(self.config.image_size, 0.5, self.config.max_resize_pixels)
         if rank is None or world_size is None:
             dist = torch.distributed
             ready = dist.is_available() and dist.is_initialized()
@@ -441,7 +330,7 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
         empty_run = 0
         for url in self._worker_shards(worker, num_workers):
             n = 0
-            for sample in _iter_shard(url, counts):
+            for sample in _iter_shard(url, counts, self.config.max_member_bytes, self.config.max_sample_bytes):
                 n += 1
                 yield sample
             empty_run = 0 if n else empty_run + 1
@@ -455,9 +344,11 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
         ``generator`` is this sample's own augmentation generator (seeded from the worker stream).
         """
         caption, meta = decode_caption(sample, self.config)
-        image = _decode_image(sample, self.config)
+        image = decode_image(sample, self.config)
         try:
             x = self.transform(image, generator)
+        except ImageTooLarge as exn:
+            raise SkipSample("too_large", str(exn)) from None
         except Exception as exn:  # noqa: BLE001 - a user transform may raise anything
             raise SkipSample("transform_error", f"{type(exn).__name__}: {exn}") from None
         if isinstance(self.transform, ImageTransform):  # ours: finite by construction, check the shape only
@@ -515,6 +406,7 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             if index < start:
                 continue
             try:
+                check_size(sample)
                 item = self.decode_sample(sample, torch.Generator().manual_seed(seed), shapes)
             except SkipSample as skip:
                 counts[skip.reason] += 1
@@ -638,14 +530,15 @@ class ImageTextLoader:
 
         Raises:
             ValueError: the state was saved with another worker count / world size / rank / batch size /
-                seed, for which an exact resume is impossible.
+                seed, for which an exact resume is impossible, or is not a shard loader's state.
         """
         expect = {"num_workers": self.workers, "world_size": self.dataset.world_size, "rank": self.dataset.rank,
                   "batch_size": self.dataset.config.batch_size, "seed": self.dataset.config.seed}
         missing = set(expect) | {"epoch", "workers", "next_worker"}
         missing -= set(state)
         if missing:
-            raise KeyError(f"data state is missing keys {sorted(missing)}")
+            raise ValueError(f"not a shard loader's data state (missing keys {sorted(missing)}): was it saved "
+                             "for another kind of data?")
         bad = {k: (state[k], v) for k, v in expect.items() if state[k] != v}
         if bad:
             raise ValueError(f"cannot resume data exactly, settings differ (saved, current): {bad}")
@@ -679,8 +572,13 @@ class ImageTextLoader:
         kwargs: Dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, multiprocessing_context=self.multiprocessing_context)
+        # The DataLoader draws its workers' base seed when an iterator is created: from ``generator``, or else from
+        # the global torch RNG, which would shift the trainer's dropout stream on every resume. Ours is a pure
+        # function of (seed, epoch, rank), so the loader consumes no global randomness.
+        generator = _generator(self.dataset.config.seed, self.epoch, _LOADER, self.dataset.rank)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs
+            self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=generator, **kwargs
         )
         try:
             for item in loader:

@@ -38,13 +38,44 @@ def linear_betas(num_steps: int = 1000) -> torch.Tensor:
     return torch.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=torch.float64, device="cpu")
 
 
+_RESPACING_FORMS = "a positive step count ('100'), 'ddimN' with N >= 1, or comma-separated section counts ('10,20,30')"
+
+
+def check_respacing(spec: Union[str, int, Sequence[int], None]) -> None:
+    """Raise ValueError unless ``spec`` is a timestep respacing (``num_sampling_steps``) that keeps at least one
+    step: ``"100"``, ``"ddim25"``, ``"10,20,30"``, an int or a list of ints; ``None`` / ``""`` mean the default."""
+    if spec is None or spec == "":
+        return
+    if isinstance(spec, str):
+        text = spec.strip()
+        parts = [text[len("ddim"):]] if text.startswith("ddim") else text.split(",")
+    elif isinstance(spec, (list, tuple)):
+        parts = list(spec)
+    else:
+        parts = [spec]
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (int, str)):
+            break
+        try:
+            count = int(part)
+        except ValueError:
+            break
+        if count < 1:
+            break
+    else:
+        return
+    raise ValueError(f"num_sampling_steps (timestep respacing) must be {_RESPACING_FORMS}, got {spec!r}")
+
+
 def space_timesteps(num_steps: int, section_counts: Union[str, int, Sequence[int]]) -> list[int]:
     """Timesteps kept when respacing ``num_steps`` into the given section counts.
 
     ``"100"`` keeps 100 evenly strided steps (Python ``round``, as IDDPM); ``"ddimN"`` keeps
-    ``range(0, T, stride)`` with exactly N elements.
+    ``range(0, T, stride)`` with exactly N elements. A spec that keeps no step (``"0"``) raises ValueError.
     """
+    check_respacing(section_counts)
     if isinstance(section_counts, str):
+        section_counts = section_counts.strip()
         if section_counts.startswith("ddim"):
             want = int(section_counts[len("ddim"):])
             for stride in range(1, num_steps):

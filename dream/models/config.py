@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional, Union
 
-from dream.utils.config import ConfigBase
+from dream.utils.config import ConfigBase, ConfigError
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,12 @@ class DreamConfig(ConfigBase):
 
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"unknown attn_backend {self.attn_backend!r} ({' | '.join(BACKENDS)})")
+        from dream.diffusion.gaussian import check_respacing
+
+        try:
+            check_respacing(self.num_sampling_steps)
+        except ValueError as e:
+            raise ConfigError(f"DreamConfig.{e}") from None
 
     # serialisation ------------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike], arch: Optional[str] = None) -> Path:

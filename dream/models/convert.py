@@ -1,5 +1,6 @@
 """Checkpoint loading: our ``model.safetensors``, official DREAM ``.pth`` (``model`` / ``model_ema``),
-plain state dicts. Strict: a missing, unexpected or mis-shaped key raises an error naming the keys.
+plain state dicts. Strict: a missing, unexpected or mis-shaped key, or a tensor holding NaN / inf, raises an error
+naming the keys.
 
 Official key names equal ours, so conversion is: unwrap the container, prefer EMA weights when
 asked, strip ``module.`` / ``_orig_mod.`` prefixes, drop non-persistent buffers (``attn_mask``).
@@ -22,12 +23,18 @@ from safetensors.torch import load_file, save_file
 _DROP = ("attn_mask",)
 
 
-def _read(path: Path, allow_args_namespace: bool = False) -> dict:
+def _resolve(path: Path) -> Path:
+    """The weights file of ``path`` (a folder's model.safetensors, model_ema.safetensors or checkpoint-last.pth)."""
     if path.is_dir():
         for name in ("model.safetensors", "model_ema.safetensors", "checkpoint-last.pth"):
             if (path / name).exists():
-                return _read(path / name, allow_args_namespace)
+                return path / name
         raise FileNotFoundError(f"no model.safetensors (or checkpoint) in {path}")
+    return path
+
+
+def _read(path: Path, allow_args_namespace: bool = False) -> dict:
+    path = _resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
@@ -65,17 +72,26 @@ def extract_state_dict(obj: dict, prefer_ema: bool = False) -> dict:
     return out
 
 
+def non_finite_tensors(sd: dict) -> list[str]:
+    """Names of the floating-point tensors of ``sd`` holding NaN or infinite values."""
+    return [k for k, v in sd.items() if torch.is_tensor(v) and (v.is_floating_point() or v.is_complex())
+            and not bool(torch.isfinite(v).all())]
+
+
 def compare_state_dict(model: torch.nn.Module, sd: dict) -> dict[str, list[str]]:
-    """How ``sd`` differs from ``model.state_dict()``: sorted ``missing`` and ``unexpected`` key names and
-    ``shape_mismatch`` descriptions; all three are empty exactly when ``sd`` loads strictly."""
+    """How ``sd`` differs from ``model.state_dict()``: sorted ``missing`` and ``unexpected`` key names,
+    ``shape_mismatch`` descriptions and ``non_finite`` tensors (NaN / inf); all four are empty exactly when ``sd``
+    loads strictly."""
     own = model.state_dict()
     return {"missing": sorted(set(own) - set(sd)), "unexpected": sorted(set(sd) - set(own)),
             "shape_mismatch": sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                                     for k in set(own) & set(sd) if own[k].shape != sd[k].shape)}
+                                     for k in set(own) & set(sd) if own[k].shape != sd[k].shape),
+            "non_finite": sorted(non_finite_tensors(sd))}
 
 
-def check_state_dict(model: torch.nn.Module, sd: dict) -> None:
-    """Raise if ``sd`` does not match ``model`` exactly (missing, unexpected, shapes)."""
+def check_state_dict(model: torch.nn.Module, sd: dict, source: Union[str, os.PathLike, None] = None) -> None:
+    """Raise if ``sd`` does not match ``model`` exactly (missing, unexpected, shapes) or holds NaN / inf values
+    (the message names the tensors and ``source``)."""
     diff = compare_state_dict(model, sd)
     missing, unexpected, shapes = diff["missing"], diff["unexpected"], diff["shape_mismatch"]
     problems = []
@@ -86,12 +102,18 @@ def check_state_dict(model: torch.nn.Module, sd: dict) -> None:
                         f"{' ...' if len(unexpected) > 20 else ''}")
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {shapes[:20]}")
+    where = f" {source}" if source is not None else ""
     if problems:
-        raise RuntimeError("checkpoint does not match the model: " + "; ".join(problems))
+        raise RuntimeError(f"checkpoint{where} does not match the model: " + "; ".join(problems))
+    bad = diff["non_finite"]
+    if bad:
+        raise ValueError(f"checkpoint{where} holds NaN or infinite values in {len(bad)} tensor(s): {bad[:20]}"
+                         f"{' ...' if len(bad) > 20 else ''}")
 
 
-def load_state_dict_strict(model: torch.nn.Module, sd: dict) -> None:
-    check_state_dict(model, sd)
+def load_state_dict_strict(model: torch.nn.Module, sd: dict, source: Union[str, os.PathLike, None] = None) -> None:
+    """Check ``sd`` (:func:`check_state_dict`), then load it; on any error the model is left unchanged."""
+    check_state_dict(model, sd, source)
     model.load_state_dict(sd, strict=True)
 
 
@@ -103,8 +125,10 @@ def read_state_dict(path: Union[str, os.PathLike], prefer_ema: bool = False,
 
 def load_checkpoint_into(model: torch.nn.Module, path: Union[str, os.PathLike], prefer_ema: bool = False,
                          allow_args_namespace: bool = False) -> torch.nn.Module:
-    """Load an official or dream checkpoint into ``model`` strictly (see module docstring)."""
-    load_state_dict_strict(model, read_state_dict(path, prefer_ema, allow_args_namespace))
+    """Load an official or dream checkpoint into ``model`` strictly (see module docstring); weights with NaN or
+    infinite values are refused, naming the tensors."""
+    path = _resolve(Path(path))
+    load_state_dict_strict(model, read_state_dict(path, prefer_ema, allow_args_namespace), path)
     return model
 
 

@@ -47,6 +47,11 @@ def _check_images(images: torch.Tensor, channels: int, multiple: int) -> None:
     if h % multiple or w % multiple:
         raise ValueError(f"image size {h}x{w} is not divisible by {multiple} (VAE stride x patch size)")
     if images.numel():
+        finite = torch.isfinite(images.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(f"images contain {bad} NaN or infinite value(s) (of {images.numel()}); they must be "
+                             "finite and lie in [-1, 1]")
         lo, hi = torch.aminmax(images.detach())
         if lo.item() < -1 - _RANGE_TOL or hi.item() > 1 + _RANGE_TOL:
             raise ValueError(f"images must lie in [-1, 1] (got min {lo.item():.4f}, max {hi.item():.4f}); "

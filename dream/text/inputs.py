@@ -6,6 +6,12 @@ Text-encoder specs:
     ``hf:PATH``       any local Hugging Face encoder folder (T5 encoder, BERT-style)
     ``random``        a frozen, seeded random token embedding over CLIP BPE ids plus sinusoidal positions:
                       no weights to download; for tests and quick experiments (not a language model)
+
+Texts are checked here, the one boundary every caption and prompt passes: each must be a ``str`` that is valid
+Unicode (a lone surrogate such as ``"\ud800"`` raises a ValueError naming its position in the batch).
+
+A model whose CLIP tower has a smaller vocabulary than the CLIP BPE (``dream_test``: 100 ids) gets its ids folded
+into that vocabulary by :func:`fold_clip_ids`, so it trains on real captions.
 """
 from __future__ import annotations
 
@@ -13,6 +19,37 @@ import math
 from typing import Optional, Sequence
 
 import torch
+
+
+def check_texts(texts: Sequence[str]) -> list:
+    """``texts`` as a list after checking that each one is a ``str`` of valid Unicode (encodable as UTF-8)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts must be strings, got {type(t).__name__} at position {i}")
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text at position {i} of {len(texts)} is not valid Unicode: {e.reason} "
+                                 f"(U+{ord(t[e.start]):04X} at character {e.start}) in {t!r}") from None
+    return texts
+
+
+def fold_clip_ids(ids: torch.Tensor, vocab_size: int, sot: int = 49406, eot: int = 49407) -> torch.Tensor:
+    """Map CLIP BPE ids (B, L) into a smaller vocabulary ``[0, vocab_size)``, deterministically.
+
+    Padding 0 stays 0, end-of-text becomes ``vocab_size - 1`` (still the largest id: the text tower pools at the
+    argmax), start-of-text ``vocab_size - 2``, and every other id ``t`` becomes ``1 + (t - 1) % (vocab_size - 3)``.
+    For tiny test models (``dream_test``); a vocabulary of the tokenizer's size is returned unchanged.
+    """
+    if vocab_size < 4:
+        raise ValueError(f"a CLIP vocabulary needs at least 4 ids to fold into (pad, SOT, EOT, text), got {vocab_size}")
+    if vocab_size > eot:
+        return ids
+    folded = torch.where(ids > 0, 1 + (ids - 1) % (vocab_size - 3), ids)
+    folded = torch.where(ids == sot, vocab_size - 2, folded)
+    return torch.where(ids == eot, vocab_size - 1, folded)
 
 
 class FrozenRandomTextEncoder(torch.nn.Module):
@@ -50,17 +87,22 @@ class TextInputs:
         clip_context_length: context length of the contrastive text tower.
         use_padding_mask: pass the text padding mask to the model (official DREAM: no).
         cache: memoise features per caption (captions repeat a lot in ShapesWorld).
+        clip_vocab_size: the text tower's vocabulary; a smaller one than the BPE's gets folded ids
+            (:func:`fold_clip_ids`). None: the BPE's.
     """
 
     def __init__(self, spec: str, text_dim: int, text_max_len: int, clip_context_length: int,
                  device: torch.device | str = "cpu", use_padding_mask: bool = False, cache: int = 200_000,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, clip_vocab_size: Optional[int] = None):
         from dream.text import CLIPTokenizer
 
         self.spec = spec
         self.device = torch.device(device)
         self.clip = CLIPTokenizer.from_default()
         self.clip_context_length = clip_context_length
+        self.clip_vocab_size = clip_vocab_size
+        if clip_vocab_size is not None and clip_vocab_size < 4:
+            raise ValueError(f"clip_vocab_size must be >= 4 (pad, SOT, EOT, text), got {clip_vocab_size}")
         self.use_padding_mask = use_padding_mask
         if spec == "random":
             enc = FrozenRandomTextEncoder(text_dim, text_max_len).to(self.device)
@@ -120,16 +162,18 @@ class TextInputs:
             self._rows[t] = n + i
 
     def clip_ids(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.clip(list(texts), context_length=self.clip_context_length).to(self.device)
+        """CLIP BPE ids (B, clip_context_length) of ``texts`` (folded into ``clip_vocab_size`` if smaller)."""
+        ids = self.clip(check_texts(texts), context_length=self.clip_context_length)
+        if self.clip_vocab_size is not None and self.clip_vocab_size < self.clip.vocab_size:
+            ids = fold_clip_ids(ids, self.clip_vocab_size, self.clip.sot_token_id, self.clip.eot_token_id)
+        return ids.to(self.device)
 
     def features(self, texts: Sequence[str], drop_prob: float = 0.0,
                  generator: Optional[torch.Generator] = None):
         """Text features (B, Lt, D) and padding mask (or None); with ``drop_prob`` each caption is replaced by
         the null prompt (CFG training; the CLIP-tower caption is not dropped, as official)."""
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"captions must be strings, got {type(t).__name__}")
-        feats, pad = self._encode(list(texts))
+        texts = check_texts(texts)
+        feats, pad = self._encode(texts)
         if drop_prob > 0:
             drop = torch.rand(len(texts), generator=generator) < drop_prob
             if bool(drop.any()):

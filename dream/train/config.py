@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from dream.utils.config import ConfigBase
+from dream.utils.config import ConfigBase, ConfigError, check_seed
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class TrainConfig(ConfigBase):
     use_text_padding_mask: bool = False       # official DREAM: no padding mask
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    data_options: dict = field(default_factory=dict)  # shards: WebDatasetConfig fields, e.g. max_member_bytes
     # --- schedule ---
     batch_size: int = 64                      # per process
     grad_accum: int = 1
@@ -55,6 +56,13 @@ class TrainConfig(ConfigBase):
     sample_cfg: float = 3.0
     sample_clip_denoised: Optional[float] = None  # clamp the head's x0 when sampling VAE tokens (pixels: 1.0)
 
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            check_seed(self.seed, "TrainConfig.seed", bits=63)     # 63 bits: seed + rank still fits
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
 
 def run_config(cls, command: str, args, saved_name: str):
     """``(out, config)`` of a CLI run (``args`` with ``out``, ``resume``, ``config``). The config is the one saved
@@ -76,3 +84,17 @@ def run_config(cls, command: str, args, saved_name: str):
             raise SystemExit(f"{command}: config file not found: {args.config}")
         return out, cls.load(args.config)
     return out, cls()
+
+
+def refuse_command_urls(data: str, source: Path, command: str = "dream train") -> None:
+    """End the command if ``data`` (read from the run-folder file ``source``) holds shard URLs that start a
+    program when opened (``pipe:CMD`` runs CMD in a shell; ``https://`` etc. run curl / gsutil): a run folder can
+    come from someone else, and its checkpoints are loaded without running code, so its config must not either."""
+    from dream.data.decoding import command_urls
+
+    bad = command_urls(data)
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise SystemExit(f"{command} --resume: {source} sets data to URLs that run a program when opened: "
+                         f"{bad[:3]}{more}. They are not opened from a run folder's config: pass the data again "
+                         f"with --data, or add --allow-command-urls if you trust this folder")

@@ -3,7 +3,8 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` per process. Everything random is
 drawn from one ``torch.Generator`` per process (seed + rank) whose state is checkpointed together with
 the global torch RNG (dropout), so ``--resume`` continues exactly. For ShapesWorld the data position is
-a pure function of the step; for shards the loader's position is checkpointed.
+a pure function of the step; for shards the loader's position is checkpointed. Neither loader draws from the
+global RNG (their DataLoaders get their own generators), so rebuilding one on resume leaves dropout unchanged.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import clean_stale_temp_files, disk_full_hint, load_checkpoint, load_resumable, save_checkpoint
 from .config import TrainConfig
 from .ema import EMA
 from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
@@ -122,9 +123,13 @@ class ShapesBatches:
         if self.num_workers <= 0:
             return self.render(k)
         if self._it is None or self._next != k:
+            # own generator: creating the iterator must not draw from the global RNG (dropout; exact resume)
+            from dream.data.webdataset import mix_seed
+
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, self.rank, k))
             loader = torch.utils.data.DataLoader(_ShapesSteps(self), batch_size=None, sampler=_From(k),
                                                  num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                                 prefetch_factor=4, persistent_workers=False)
+                                                 prefetch_factor=4, persistent_workers=False, generator=gen)
             self._it = iter(loader)
         self._next = k + 1
         return next(self._it)
@@ -144,7 +149,7 @@ class ShardBatches:
 
         self.loader = make_dataloader(urls, batch, image_size, num_workers=cfg.num_workers,
                                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=rank,
-                                      world_size=world, log_fn=log.info)
+                                      world_size=world, log_fn=log.info, **cfg.data_options)
         self.it = None
 
     def get(self, step: int, micro: int) -> dict:
@@ -194,6 +199,8 @@ class Trainer:
         self.device = D.init_from_env(cfg.device)
         self.rank, self.world = D.rank(), D.world_size()
         self.out.mkdir(parents=True, exist_ok=True)
+        if D.is_main():
+            clean_stale_temp_files(self.out)    # debris of a write that was killed or hit a full disk
         torch.manual_seed(cfg.seed + self.rank)
         self.gen = torch.Generator().manual_seed(cfg.seed + self.rank)
 
@@ -229,7 +236,8 @@ class Trainer:
         from dream.text.inputs import TextInputs
 
         self.text = TextInputs(cfg.text_encoder, self.mcfg.text_embed_dim, self.mcfg.text_max_len,
-                               self.mcfg.clip_context_length, self.device, cfg.use_text_padding_mask)
+                               self.mcfg.clip_context_length, self.device, cfg.use_text_padding_mask,
+                               clip_vocab_size=self.mcfg.clip_vocab_size)
         if cfg.data == "shapes":
             self.data = ShapesBatches(cfg.shapes, self.mcfg.img_size, cfg.batch_size, cfg.grad_accum,
                                       self.rank, self.world, cfg.seed, num_workers=cfg.num_workers,
@@ -257,14 +265,41 @@ class Trainer:
             return None
         return save_checkpoint(self.state(), self.out, self.step, self.cfg.keep_ckpts)
 
+    _STATE_KEYS = ("model", "optimizer", "scaler", "step", "masking", "rng_torch", "rng_gen", "data")
+
+    def _check_resumable(self, st: dict, path: Path) -> None:
+        """Raise unless ``st`` is a complete training state for this model (before anything is changed)."""
+        from dream.models.convert import check_state_dict
+
+        missing = [k for k in self._STATE_KEYS if k not in st]
+        if missing:
+            raise KeyError(f"training state without {missing}")
+        check_state_dict(self.model, st["model"], path)
+
+    def _check_same_data(self, st: dict, path: Path) -> None:
+        saved = (st.get("train_config") or {}).get("data")
+        if saved is None or saved == self.cfg.data:
+            return
+        if (saved == "shapes") != (self.cfg.data == "shapes"):
+            raise ValueError(f"--resume: {path} was trained on data {saved!r} but this run reads {self.cfg.data!r}; "
+                             f"the data position cannot carry over to another kind of source. Resume with the same "
+                             f"data, or start a new run from these weights with --init-from {path}")
+        log.warning("--resume: the data changed from %r to %r; the saved position is applied to the new shards",
+                    saved, self.cfg.data)
+
     def resume(self, path: Optional[os.PathLike] = None) -> None:
-        path = path or latest_checkpoint(self.out)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
-        st = load_checkpoint(path)
+        """Continue from ``path``, or from the newest checkpoint in the run folder that loads (newer ones that do
+        not, e.g. truncated by a crash, are skipped with a warning naming them and why)."""
+        if path is not None:
+            path = Path(path)
+            st = load_checkpoint(path)
+            self._check_resumable(st, path)
+        else:
+            path, st = load_resumable(self.out, self._check_resumable)
+        self._check_same_data(st, path)
         from dream.models.convert import load_state_dict_strict
 
-        load_state_dict_strict(self.model, st["model"])
+        load_state_dict_strict(self.model, st["model"], path)
         if self.ema and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["optimizer"])
@@ -283,8 +318,9 @@ class Trainer:
             # the checkpoint's history so the file and the resumed run agree (no duplicated steps)
             metrics = self.out / "metrics.jsonl"
             tmp = metrics.with_name(metrics.name + f".tmp{os.getpid()}")
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-            os.replace(tmp, metrics)
+            with disk_full_hint(metrics, cleanup=tmp):
+                tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+                os.replace(tmp, metrics)
             log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------------------------------
@@ -368,7 +404,7 @@ class Trainer:
                 last_t, images_since = now, 0
                 self.history.append(stats)
                 if D.is_main():
-                    with open(metrics_path, "a") as f:
+                    with disk_full_hint(metrics_path), open(metrics_path, "a") as f:
                         f.write(json.dumps(stats) + "\n")
                     self.run_log.log_scalars(self.step, {k: v for k, v in stats.items() if k != "step"})
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", diff=f"{stats['diff_loss']:.3f}",

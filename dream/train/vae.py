@@ -82,6 +82,9 @@ class VAETrainer:
         self.cfg, self.out = cfg, Path(out)
         self.log_to = dict(log_to) if log_to is not None else {"tensorboard": "auto"}
         self.out.mkdir(parents=True, exist_ok=True)
+        from .checkpoint import clean_stale_temp_files
+
+        clean_stale_temp_files(self.out)
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.vcfg = VAEConfig.from_dict({**cfg.vae, "scaling_factor": 1.0, "shift_factor": 0.0})
@@ -122,13 +125,19 @@ class VAETrainer:
 
         return save_checkpoint(self.state(), self.out, self.step, keep=2)
 
-    def resume(self) -> None:
-        from .checkpoint import latest_checkpoint, load_checkpoint
+    def _check_resumable(self, st: dict, path: Path) -> None:
+        from dream.models.convert import check_state_dict
 
-        path = latest_checkpoint(self.out)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out}")
-        st = load_checkpoint(path)
+        missing = [k for k in ("vae", "optimizer", "step", "rng_gen", "rng_torch") if k not in st]
+        if missing:
+            raise KeyError(f"training state without {missing}")
+        check_state_dict(self.vae, st["vae"], path)
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint that loads (newer broken ones are skipped with a warning)."""
+        from .checkpoint import load_resumable
+
+        path, st = load_resumable(self.out, self._check_resumable)
         self.vae.load_state_dict(st["vae"])
         self.opt.load_state_dict(st["optimizer"])
         self.step = int(st["step"])

@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Union
 
-__all__ = ["ConfigBase", "ConfigError", "read_config_file"]
+__all__ = ["ConfigBase", "ConfigError", "read_config_file", "check_seed"]
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,14 @@ def read_config_file(path: Union[str, os.PathLike], what: str = "config") -> dic
     if not isinstance(data, dict):
         raise ConfigError(f"{what} file {path} must hold a mapping of fields, got {type(data).__name__}")
     return data
+
+
+def check_seed(seed: Any, name: str = "seed", bits: int = 64) -> int:
+    """``seed`` if it is an int in ``[0, 2**bits)`` (``torch.Generator.manual_seed`` takes 64 bits), else a
+    ValueError naming ``name``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << bits:
+        raise ValueError(f"{name} must be an integer in [0, 2**{bits}), got {seed!r}")
+    return seed
 
 
 def _jsonable(v: Any) -> Any:

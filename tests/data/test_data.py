@@ -295,6 +295,22 @@ def test_resampled_epoch_length(shards):
         _loader(shards, resampled=True)
 
 
+def test_an_invalid_json_member_drops_the_sample_only_when_the_caption_needs_it(tmp_path):
+    path = tmp_path / "json.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, members in [("ok_txt", {"txt": b"a caption", "json": b"{not json"}),
+                             ("only_json", {"json": b"{\"caption\": oops"}),
+                             ("good", {"txt": b"fine", "json": b"{\"idx\": 1}"})]:
+            _add(tar, f"{key}.png", _encode(_image(1), "PNG"))
+            for ext, data in members.items():
+                _add(tar, f"{key}.{ext}", data)
+    loader = make_dataloader(str(path), 1, image_size=SIZE, num_workers=0, shuffle_buffer=0, drop_last=False,
+                             log_fn=lambda s: None)
+    got = {k: (c, m) for b in loader for k, c, m in zip(b["key"], b["caption"], b["meta"])}
+    assert got == {"ok_txt": ("a caption", None), "good": ("fine", {"idx": 1})}
+    assert loader.stats["skipped"] == {"bad_json": 1}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # make-shards and the CLI
 # ----------------------------------------------------------------------------------------------------------
