@@ -158,6 +158,21 @@ class DreamPipeline:
             raise ValueError(f"{images.shape[0]} images but {len(texts)} texts")
         return (self.encode_images(images) * self.encode_text(texts)).sum(-1)
 
+    def sampler_config(self, num_iter: Optional[int] = None, cfg: Optional[float] = None,
+                       temperature: Optional[float] = None, cfg_schedule: Optional[str] = None,
+                       num_sampling_steps: Optional[str] = None, clip_denoised: Optional[float] = "default"):
+        """The :class:`~dream.sampling.SamplerConfig` ``generate`` uses: each None (``"default"`` for
+        ``clip_denoised``) is the pipeline's own setting (``pipeline.json``), else MAR's default."""
+        from dream.sampling import SamplerConfig
+
+        d = {**SAMPLING_DEFAULTS, **self.sampling_defaults}
+        return SamplerConfig(num_iter=d["num_iter"] if num_iter is None else num_iter,
+                             cfg=d["cfg"] if cfg is None else cfg,
+                             cfg_schedule=d["cfg_schedule"] if cfg_schedule is None else cfg_schedule,
+                             temperature=d["temperature"] if temperature is None else temperature,
+                             num_sampling_steps=num_sampling_steps,
+                             clip_denoised=self.clip_denoised if clip_denoised == "default" else clip_denoised)
+
     @torch.no_grad()
     def generate(self, prompts: Union[str, Sequence[str]], num_iter: Optional[int] = None, cfg: Optional[float] = None,
                  temperature: Optional[float] = None, seed: Optional[int] = 0, batch_size: int = 16,
@@ -178,7 +193,7 @@ class DreamPipeline:
         Returns:
             images (N, 3, H, W) in [-1, 1]; with ``return_scores`` also the per-prompt selection scores.
         """
-        from dream.sampling import MARSampler, SamplerConfig, SemanticallyAlignedDecoding, best_of_k
+        from dream.sampling import MARSampler, SemanticallyAlignedDecoding, best_of_k
 
         prompts = _as_list(prompts)
         if sad is not None and rerank is not None:
@@ -187,15 +202,8 @@ class DreamPipeline:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if seed is not None:
             check_seed(seed)
-        if clip_denoised == "default":
-            clip_denoised = self.clip_denoised
-        d = {**SAMPLING_DEFAULTS, **self.sampling_defaults}
-        num_iter = d["num_iter"] if num_iter is None else num_iter
-        cfg = d["cfg"] if cfg is None else cfg
-        temperature = d["temperature"] if temperature is None else temperature
-        cfg_schedule = d["cfg_schedule"] if cfg_schedule is None else cfg_schedule
-        scfg = SamplerConfig(num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, temperature=temperature,
-                             num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised)
+        scfg = self.sampler_config(num_iter=num_iter, cfg=cfg, temperature=temperature, cfg_schedule=cfg_schedule,
+                                   num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised)
         g = torch.Generator(device="cpu")
         if seed is not None:
             g.manual_seed(seed)

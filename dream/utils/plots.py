@@ -32,3 +32,33 @@ def plot_loss_curves(history: Sequence[dict], path: os.PathLike, keys=("loss", "
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_curves(curves: dict, path: os.PathLike, xlabel: str = "step", title: str = "",
+                x: Optional[Sequence] = None, errors: Optional[dict] = None) -> Path:
+    """One axis, one line per ``{name: values}`` (optional ``errors``: ``{name: standard errors}`` as bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, vals in curves.items():
+        xs = list(x) if x is not None else list(range(len(vals)))
+        if errors and name in errors:
+            ax.errorbar(xs, vals, yerr=errors[name], marker="o", capsize=3, label=name)
+        else:
+            ax.plot(xs, vals, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

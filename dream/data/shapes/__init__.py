@@ -26,6 +26,7 @@ exclusive ends.
 from .config import (BACKGROUND_NAMES, NUMBER_WORDS, PALETTE, PLURALS, RELATIONS, SAMPLE_TYPES, SHAPES, SIZE_WORDS,
                      SPLITS, ShapesConfig, ShapesPrompt, ShapesSample, parse_caption, relation_holds, seed_for,
                      size_class, validate_spec)
+from .negatives import hard_negative_specs, spec_key
 from .render import ShapesWorld, shape_mask, shape_template_area, to_float_image
 from .shards import write_shards
 
@@ -33,5 +34,5 @@ __all__ = [
     "SHAPES", "PLURALS", "PALETTE", "RELATIONS", "SAMPLE_TYPES", "SPLITS", "NUMBER_WORDS", "SIZE_WORDS",
     "BACKGROUND_NAMES", "ShapesConfig", "ShapesSample", "ShapesPrompt", "ShapesWorld", "write_shards",
     "parse_caption", "validate_spec", "size_class", "relation_holds", "shape_mask", "shape_template_area",
-    "seed_for", "to_float_image",
+    "seed_for", "to_float_image", "hard_negative_specs", "spec_key",
 ]
