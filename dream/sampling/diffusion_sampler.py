@@ -144,8 +144,12 @@ class TokenDiffusionSampler:
 
     def _weights(self, device: torch.device, dtype: torch.dtype) -> dict:
         """Net weights in the compute dtype, the concatenated adaLN projection and the timestep
-        embeddings; cached until a parameter of the net changes (keyed on parameter versions)."""
-        net = self.net
+        embeddings; cached until a parameter of the net changes (keyed on parameter versions).
+        With an active, unmerged LoRA the weights are read from ``fused_view`` (the adapter-free copy holding
+        the effective weights): a peft layer's ``.weight`` is its base weight, so reading it would skip the adapter."""
+        from dream.adapters.runtime import fused_view
+
+        net = fused_view(self.net)
         params = list(net.parameters())
         key = (device, dtype, tuple((id(p), p._version) for p in params))
         hit = self._cache.get((device, dtype))

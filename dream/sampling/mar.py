@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dream.adapters.runtime import effective_linear
 from dream.masking import mask_by_order, sample_orders
 from dream.ops.attention import attention
 
@@ -123,7 +124,7 @@ def decode_rows(model, h: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, y_p
     att = last.self_attn
     H, Dh = att.num_heads, att.head_dim
     xn = last.norm0(x)
-    w, b = att.qkv.weight, att.qkv.bias
+    w, b = effective_linear(att.qkv)           # = (qkv.weight, qkv.bias), with an active LoRA's delta merged in
     q = F.linear(torch.gather(xn, 1, (pos + buf)[..., None].expand(-1, -1, D)), w[:D], None if b is None else b[:D])
     kv = F.linear(xn, w[D:], None if b is None else b[D:])                  # (N, T, 2D)
     q = q.reshape(N, r, H, Dh).transpose(1, 2)
