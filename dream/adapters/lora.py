@@ -138,6 +138,8 @@ def _inject(module: nn.Module, config, name: str) -> None:
             module.add_adapter(config, adapter_name=name)
         else:
             inject_adapter_in_model(config, module, adapter_name=name)
+    for _, m in _layers(module):        # new wrappers / dropouts start in train mode: follow the wrapped layer
+        m.train(m.get_base_layer().training)
 
 
 def _remove(module: nn.Module, name: str, keep_wrappers: Optional[set] = None) -> None:

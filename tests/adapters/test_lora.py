@@ -172,6 +172,7 @@ def test_loads_stack_with_weights_and_set_adapters_switches(tmp_path):
     assert load_lora(m, pa, weight=0.5) == "a"
     assert load_lora(m, pb, name="style", weight=2.0) == "style"
     assert active_adapters(m) == {"a": 0.5, "style": 2.0}
+    assert not any(x.training for x in m.modules())                   # an eval model stays in eval (dropouts)
     qkv = m.decoder_blocks[0].self_attn.qkv
     W = qkv.base_layer.weight
     da = a.decoder_blocks[0].self_attn.qkv.get_delta_weight("default")      # (alpha / r) B A of each source
