@@ -182,3 +182,32 @@ def test_sd3_transformer_default_targets_and_diffusers_loader(tmp_path):
         f = save_lora(s, tmp_path / "sd3", format="diffusers")
         theirs = _diffusers_load(f, fresh(), prefix="transformer", pipeline=StableDiffusion3Pipeline)(**inp).sample
     assert rel_err(theirs, ours) <= TOL
+
+
+def test_stable_diffusion_pipeline_load_lora_weights_reads_our_files(tmp_path):
+    """``pipe.load_lora_weights`` of a tiny StableDiffusionPipeline built from configs (no tokenizer needed)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    u = _adapted_unet()
+    inp = unet_inputs()
+    ours = unet_out(u, inp)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                      num_hidden_layers=2, vocab_size=1000, projection_dim=32))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=make_unet(),
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    for fmt in ("diffusers", "kohya"):
+        f = save_lora(u, tmp_path / fmt, format=fmt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=fmt)   # offline: name the file
+        pipe.set_adapters([fmt])
+        assert rel_err(unet_out(pipe.unet, inp), ours) <= TOL, fmt
+    pipe.set_adapters(["diffusers"])
+    pipe.fuse_lora(adapter_names=["diffusers"])
+    pipe.unload_lora_weights()
+    assert rel_err(unet_out(pipe.unet, inp), ours) <= TOL                    # diffusers' own fuse
