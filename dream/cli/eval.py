@@ -48,6 +48,8 @@ def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="image tokenizer: pixel_p<N>, vae_test, a VAE folder / checkpoint "
                         "(default: pixels when the model uses vae_stride 1)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="LoRA adapter to fuse into the model (peft folder, diffusers or kohya file); repeatable")
 
 
 def _feature_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +152,28 @@ def _load_model(args):
         raise SystemExit("this command needs --model (or --features pixels)")
     # a shipped tag (dream_tiny.shapes) means its trained weights unless --pretrained says otherwise
     model = dream.create_model(args.model, pretrained=args.pretrained, device=args.device)
+    from dream.cli.sample import apply_loras
+
+    apply_loras(model, getattr(args, "lora", []), f"dream eval {args.eval_command}")
     return model.eval()
+
+
+def _lora_key(args) -> dict:
+    """What the feature cache must know of ``--lora``: each weights file (size, mtime via cache_key) and weight
+    (nothing without ``--lora``, so earlier cache keys stay valid)."""
+    from dream.adapters import detect_format, parse_lora_path
+
+    if not getattr(args, "lora", None):
+        return {}
+    out = []
+    for spec in getattr(args, "lora", []) or []:
+        path, weight = parse_lora_path(spec)
+        try:
+            path = str(detect_format(path)[1])
+        except (OSError, ValueError):
+            pass                                 # _load_model reports it
+        out.append([path, weight])
+    return {"lora": out}
 
 
 def _load_tokenizer(args, model):
@@ -229,7 +252,7 @@ def _labeled_features(args, source: str, model=None, tokenizer=None) -> dict[str
     if cache is None:
         return compute()
     key = cache_key(kind="labeled", features=args.features, feature_weights=args.feature_weights,
-                    model=args.model, pretrained=args.pretrained,
+                    model=args.model, pretrained=args.pretrained, **_lora_key(args),
                     tokenizer=args.tokenizer, pool=args.pool, apply_norm=args.apply_norm, buffer=args.buffer,
                     fc_norm=args.fc_norm, data=source,
                     image_size=size, max_images=args.max_images, label_key=args.label_key)

@@ -3,6 +3,7 @@
     dream sample --model dream_tiny.shapes "a red square" "two blue circles" --out samples/
     dream sample --model runs/x --prompts prompts.txt --sad 5,8 --seed 0 --out samples/
     dream sample --model dream_tiny.shapes --rerank 5 "a green triangle" --out samples/
+    dream sample --model dream_tiny.shapes --lora runs/l/lora --lora style.safetensors:0.5 "a red square"
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def add_arguments(p):
     p.add_argument("--rerank", type=int, default=None, metavar="K", help="best-of-K reranking with DREAM's score")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--device", default=None)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="LoRA adapter (peft folder, diffusers or kohya file) with a weight (default 1); repeatable; "
+                        "the adapters are fused into the weights before sampling")
 
 
 def parse_sad(text: str):
@@ -37,6 +41,22 @@ def parse_sad(text: str):
         return int(k), (int(tau_v) if tau_v >= 1 else tau_v)
     except ValueError as e:
         raise SystemExit(f"--sad expects K,TAU (e.g. 5,8 or 5,0.125), got {text!r}") from e
+
+
+def apply_loras(model, specs, command: str) -> None:
+    """Load every ``PATH[:WEIGHT]`` LoRA into ``model`` and fuse them (plain weights, no wrapper cost); a bad file
+    ends the command with the loader's message."""
+    if not specs:
+        return
+    from dream.adapters import LoraFileError, load_lora, merge_lora, parse_lora_path
+
+    for spec in specs:
+        path, weight = parse_lora_path(spec)
+        try:
+            load_lora(model, path, weight=weight)
+        except (LoraFileError, FileNotFoundError, ImportError) as e:
+            raise SystemExit(f"{command} --lora {spec}: {e}") from None
+    merge_lora(model, unload=True)
 
 
 def run(args) -> int:
@@ -54,6 +74,7 @@ def run(args) -> int:
     if not prompts:
         raise SystemExit("dream sample: no prompts given")
     pipe = DreamPipeline.from_pretrained(args.model, device=args.device, text_encoder=args.text_encoder)
+    apply_loras(pipe.model, args.lora, "dream sample")
     sad = parse_sad(args.sad) if args.sad else None
     images, scores = pipe.generate(prompts, num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
                                    seed=args.seed, batch_size=args.batch_size, cfg_schedule=args.cfg_schedule,
@@ -64,7 +85,7 @@ def run(args) -> int:
     paths = save_images(images, out)
     grid = save_grid(images, prompts, out / "grid.png")
     meta = {"prompts": prompts, "files": [p.name for p in paths], "seed": args.seed, "sad": args.sad,
-            "rerank": args.rerank, "scores": None if scores is None else scores.tolist()}
+            "rerank": args.rerank, "lora": list(args.lora), "scores": None if scores is None else scores.tolist()}
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {len(paths)} images and {grid}")
     return 0

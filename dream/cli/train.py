@@ -3,6 +3,7 @@
     dream train --config configs/dream_tiny_shapes.yaml --out runs/x
     dream train --config configs/x.yaml --data 'shards/{000..009}.tar' --out runs/x --steps 2000
     dream train --resume runs/x                      # continue exactly where it stopped
+    dream train --config configs/x.yaml --init-from ckpt/ --lora rank=16,alpha=16,targets=decoder_attn --out runs/l
     torchrun --nproc_per_node 2 -m dream.cli train --config ... --out runs/x      # DDP (gloo on CPU)
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ def add_arguments(p):
     p.add_argument("--allow-command-urls", action="store_true",
                    help="with --resume: open shard URLs from the run folder's train_config.json that start a program "
                         "(pipe:CMD, or https:// etc. through curl); refused by default unless --data is given again")
+    p.add_argument("--lora", default=None, metavar="rank=R,alpha=A,targets=T",
+                   help="train a LoRA adapter only (targets: decoder_attn | decoder | text_aligner | diffloss | encoder "
+                        "| all, joined with +; also dropout=, use_dora=, use_rslora=); saved to OUT/lora (peft)")
     for flag, (field, typ) in _FLAGS.items():
         p.add_argument(flag, dest=field, type=typ, default=None, help=f"override `{field}`")
     run_logger.add_arguments(p)
@@ -55,6 +59,13 @@ def run(args) -> int:
         over["compile"] = True
     if args.resume and "data" not in over and not args.allow_command_urls:
         refuse_command_urls(cfg.data, Path(args.resume) / "train_config.json")
+    if args.lora:
+        from dream.adapters.spec import lora_spec
+
+        try:
+            over["lora"] = lora_spec(args.lora)
+        except ValueError as e:
+            raise SystemExit(f"dream train --lora: {e}") from None
     cfg = cfg.replace(**over)
     Path(out).mkdir(parents=True, exist_ok=True)
     from dream.train import distributed as D
@@ -64,5 +75,6 @@ def run(args) -> int:
         (Path(out) / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     res = trainer.fit()
     if D.is_main():
-        print(f"trained {res['steps']} steps in {res['wall_s']:.0f} s -> {out}/model (weights), {out}/loss.png")
+        weights = f"{out}/lora (LoRA adapter, peft)" if cfg.lora else f"{out}/model (weights)"
+        print(f"trained {res['steps']} steps in {res['wall_s']:.0f} s -> {weights}, {out}/loss.png")
     return 0

@@ -15,6 +15,7 @@ class TrainConfig(ConfigBase):
     model_overrides: dict = field(default_factory=dict)
     init_from: Optional[str] = None           # fine-tune from a checkpoint (ours or official; EMA preferred)
     frozen: tuple = ()                        # parameter-name prefixes to freeze, e.g. ("transformer.",)
+    lora: Optional[dict] = None               # LoRA fine-tuning, e.g. {"rank": 16, "alpha": 16, "targets": "decoder_attn"}
     # --- data ---
     data: str = "shapes"                      # "shapes" (ShapesWorld stream) or shard urls ('shards/{000..009}.tar')
     shapes: dict = field(default_factory=dict)  # ShapesConfig overrides for data="shapes"

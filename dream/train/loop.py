@@ -209,12 +209,17 @@ class Trainer:
             from dream.models.convert import load_checkpoint_into
 
             load_checkpoint_into(model, cfg.init_from, prefer_ema=True)
+        self.lora = None
+        if cfg.lora:  # LoRA fine-tuning: only the adapter trains, checkpoints and EMA hold only it (dream.adapters)
+            from dream.adapters.training import LoraTraining
+
+            self.lora = LoraTraining(model, cfg.lora)
         self.mcfg = model.config
         model.to(self.device)
         if self.world > 1:
             D.convert_batchnorm(model)
         self.model = model
-        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = EMA(model, cfg.ema_decay, trainable_only=self.lora is not None) if cfg.ema_decay > 0 else None
         global_batch = cfg.batch_size * cfg.grad_accum * self.world
         self.lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, global_batch)
         self.opt = build_optimizer(model, self.lr, cfg.weight_decay, tuple(cfg.betas), cfg.official_weight_decay,
@@ -252,7 +257,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+        model = self.lora.state_dict(self.model) if self.lora else self.model.state_dict()
+        return {"model": model, "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "masking": self.masking.state_dict(), "rng_torch": torch.get_rng_state(),
                 "rng_gen": self.gen.get_state(),
@@ -274,7 +280,10 @@ class Trainer:
         missing = [k for k in self._STATE_KEYS if k not in st]
         if missing:
             raise KeyError(f"training state without {missing}")
-        check_state_dict(self.model, st["model"], path)
+        if self.lora:
+            self.lora.check_state_dict(self.model, st["model"])
+        else:
+            check_state_dict(self.model, st["model"], path)
 
     def _check_same_data(self, st: dict, path: Path) -> None:
         saved = (st.get("train_config") or {}).get("data")
@@ -299,7 +308,10 @@ class Trainer:
         self._check_same_data(st, path)
         from dream.models.convert import load_state_dict_strict
 
-        load_state_dict_strict(self.model, st["model"], path)
+        if self.lora:
+            self.lora.load_state_dict(self.model, st["model"])
+        else:
+            load_state_dict_strict(self.model, st["model"], path)
         if self.ema and st.get("ema") is not None:
             self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["optimizer"])
@@ -434,6 +446,9 @@ class Trainer:
     def export(self) -> None:
         from dream.models.convert import save_pretrained
 
+        if self.lora:  # the adapter only, in the peft format: <out>/lora (and <out>/lora_ema)
+            self.lora.export(self.out, self.model, self.ema.shadow if self.ema else None)
+            return
         save_pretrained(self.model, self.out / "model", arch=self.cfg.model)
         if self.ema:
             save_pretrained(self.ema.shadow, self.out / "ema", arch=self.cfg.model)
