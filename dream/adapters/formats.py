@@ -34,7 +34,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -90,6 +90,29 @@ class LoraWeights:
                 "use_dora": self.use_dora, "use_rslora": self.use_rslora,
                 "rank_pattern": {f"^{re.escape(n)}$": k for n, k in ranks.items() if k != r},
                 "alpha_pattern": {f"^{re.escape(n)}$": self.alphas[n] for n in names if self.alphas[n] != a}}
+
+
+def combine_lora(parts: Sequence[LoraWeights]) -> LoraWeights:
+    """One adapter whose update is the sum of ``parts``' updates: per module, the lora_A rows stacked and the
+    lora_B columns stacked with each part's scale folded in (rank = the sum of ranks, alpha = rank, so the scale
+    is 1). Adapters merged one after another (DreamSync's rounds) become one file this way; exact up to the
+    rounding of folding the scales. DoRA adapters cannot be summed like this and raise."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("combine_lora needs at least one adapter")
+    if any(w.use_dora for w in parts):
+        raise ValueError("DoRA adapters are not additive; they cannot be combined into one LoRA")
+    names = sorted({n for w in parts for n in w.modules})
+    modules, alphas = {}, {}
+    for n in names:
+        As, Bs = [], []
+        for w in parts:
+            if n in w.modules:
+                As.append(w.modules[n]["lora_A"])
+                Bs.append(w.modules[n]["lora_B"] * w.scale(n))
+        modules[n] = {"lora_A": torch.cat(As, 0).contiguous(), "lora_B": torch.cat(Bs, 1).contiguous()}
+        alphas[n] = float(modules[n]["lora_A"].shape[0])
+    return LoraWeights(modules, alphas, use_rslora=False, use_dora=False, dropout=0.0)
 
 
 # -----------------------------------------------------------------------------------------------

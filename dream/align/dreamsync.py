@@ -380,9 +380,24 @@ class DreamSync:
                      ev["prompt_accuracy"])
         for e in report["rounds"]:
             e.get("selection", {}).pop("pairs", None)
+        report["final_adapter"] = self._final_adapter()
         self._figures(report)
         _atomic_json(self.out / "report.json", report)
         return report
+
+    def _final_adapter(self) -> Optional[str]:
+        """The rounds' adapters combined into one (``final_lora/``, peft; ``final_lora_diffusers/`` too when the
+        model is a diffusers UNet): loaded on the base model it gives the final round's model."""
+        from dream.adapters import combine_lora, read_lora_file, write_lora_file
+
+        rounds = [self._round_dir(r) / "lora" for r in range(1, self.cfg.rounds + 1)]
+        rounds = [d for d in rounds if d.exists()]
+        if not rounds:
+            return None
+        module = getattr(self.gen, "lora_module", None) or self.gen.model
+        weights = combine_lora([read_lora_file(d, module) for d in rounds])
+        path = write_lora_file(weights, module, self.out / "final_lora", "peft")
+        return str(path)
 
     def _figures(self, report: dict) -> None:
         from dream.utils.images import save_grid

@@ -389,15 +389,19 @@ def _run_clipscore(args) -> int:
     return _emit(args, res)
 
 
-def _run_linprobe(args) -> int:
-    from dream.eval.linear_probe import LinearProbeConfig, linear_probe
-
+def _labeled_sets(args, *sources) -> list[dict]:
+    """Features and labels of each labelled image source (a DREAM model and tokenizer loaded once if needed)."""
     model = tok = None
     if args.features == "dream":
         model = _load_model(args)
         tok = _load_tokenizer(args, model)
-    tr = _labeled_features(args, args.train, model, tok)
-    va = _labeled_features(args, args.val, model, tok)
+    return [_labeled_features(args, s, model, tok) for s in sources]
+
+
+def _run_linprobe(args) -> int:
+    from dream.eval.linear_probe import LinearProbeConfig, linear_probe
+
+    tr, va = _labeled_sets(args, args.train, args.val)
     dev = torch.device(args.device)
     cfg = LinearProbeConfig(optimizer=args.mode if args.mode != "lbfgs" else "lars", blr=args.blr,
                             weight_decay=args.weight_decay, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
@@ -412,11 +416,7 @@ def _run_linprobe(args) -> int:
 def _run_fewshot(args) -> int:
     from dream.eval.fewshot import few_shot_eval
 
-    model = tok = None
-    if args.features == "dream":
-        model = _load_model(args)
-        tok = _load_tokenizer(args, model)
-    data = _labeled_features(args, args.data, model, tok)
+    (data,) = _labeled_sets(args, args.data)
     res = few_shot_eval(data["features"], data["labels"], n_way=args.n_way, k_shot=args.k_shot,
                         n_query=args.n_query, episodes=args.episodes, classifier=args.classifier, seed=args.seed,
                         progress=not args.quiet)

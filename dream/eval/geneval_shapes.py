@@ -40,7 +40,7 @@ from dream.data.shapes import SAMPLE_TYPES, ShapesConfig, ShapesPrompt, ShapesWo
 from dream.eval.compositional import QUESTION_TYPES, Verifier, VerifierConfig
 
 __all__ = ["CATEGORIES", "POSITION_THRESHOLD", "geneval_prompts", "relative_position", "geneval_judgements",
-           "GenEvalShapes", "binomial_se"]
+           "GenEvalShapes", "binomial_se", "paired_difference"]
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 POSITION_THRESHOLD = 0.1      # GenEval: offsets shrink by 0.1 x (size_a + size_b) before the direction test
@@ -51,6 +51,20 @@ _BY_TYPE = {"single": ("single_object", "colors"), "pair": ("two_object", "color
 def binomial_se(p: float, n: int) -> float:
     """Standard error of a rate ``p`` measured on ``n`` independent trials."""
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def paired_difference(a: dict, b: dict, key: str = "prompt_pass") -> dict:
+    """Mean and standard error of ``b - a`` over the prompts both reports judged on ``key`` (``prompt_pass``, a
+    category such as ``counting``, or ``over_count``): two models on the same prompts and seeds."""
+    ra, rb = a.get("per_prompt"), b.get("per_prompt")
+    if ra is None or rb is None or len(ra) != len(rb):
+        raise ValueError("paired_difference needs two reports with per_prompt rows for the same prompts")
+    d = [float(y[key]) - float(x[key]) for x, y in zip(ra, rb) if key in x and key in y]
+    if not d:
+        raise ValueError(f"no prompt has {key!r} in both reports")
+    m = sum(d) / len(d)
+    var = sum((v - m) ** 2 for v in d) / max(1, len(d) - 1)
+    return {"mean": m, "se": math.sqrt(var / len(d)), "n": len(d)}
 
 
 def geneval_prompts(n: int, prompt_seed: int = 0, split: str = "test", exclude: Iterable[str] = (),
@@ -165,8 +179,11 @@ class GenEvalShapes:
             fake = self._stats(self._fid(images.clamp(-1, 1) if images.is_floating_point() else images))
         return float(frechet_distance(*self._real, *fake))
 
-    def evaluate(self, images: torch.Tensor, prompts: Sequence[ShapesPrompt], seconds_per_image: float = None) -> dict:
-        """The full report for images generated from ``prompts`` (one image per prompt, same order)."""
+    def evaluate(self, images: torch.Tensor, prompts: Sequence[ShapesPrompt], seconds_per_image: float = None,
+                 per_prompt: bool = True) -> dict:
+        """The full report for images generated from ``prompts`` (one image per prompt, same order). With
+        ``per_prompt`` it also lists, per prompt, whether every question passed and each category's verdict (for
+        paired comparisons of two models on the same prompts: :func:`paired_difference`)."""
         prompts = list(prompts)
         if images.shape[0] != len(prompts):
             raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts")
@@ -177,8 +194,10 @@ class GenEvalShapes:
         cats = {c: [] for c in CATEGORIES}
         over = []
         per_type = {t: [0, 0] for t in QUESTION_TYPES}
+        rows = []
         for d, spec in zip(sc["details"], specs):
             j = geneval_judgements(d["objects"], spec)
+            rows.append({"prompt_pass": bool(all(d["passed"])), **{k: bool(v) for k, v in j.items()}})
             for c in CATEGORIES:
                 if c in j:
                     cats[c].append(j[c])
@@ -205,6 +224,8 @@ class GenEvalShapes:
             "question_accuracy": sc["question_accuracy"], "dsg_score": sc["dsg_score"], "tifa_score": sc["tifa_score"],
             "n_prompts": n,
         }
+        if per_prompt:
+            out["per_prompt"] = rows
         if self._fid is not None:
             out["fid_cnn"] = self.fid(images)
         if seconds_per_image is not None:

@@ -26,6 +26,12 @@ def plot_loss_curves(history: Sequence[dict], path: os.PathLike, keys=("loss", "
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))   # long runs: no colliding labels
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,9 +62,4 @@ def plot_curves(curves: dict, path: os.PathLike, xlabel: str = "step", title: st
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
