@@ -195,14 +195,17 @@ def main(argv=None) -> int:
                       "img_s_ratio_lora_over_full_cpu": pair["lora"]["img_s_cpu"] / pair["full"]["img_s_cpu"],
                       "img_s_ratio_lora_over_full_wall": pair["lora"]["img_s_wall"] / pair["full"]["img_s_wall"],
                       "peak_ratio_lora_over_full": pair["lora"]["peak_rss_mb"] / pair["full"]["peak_rss_mb"],
-                      "peak_minus_imports_ratio_lora_over_full": pair["lora"]["peak_rss_minus_imports_mb"]
-                      / pair["full"]["peak_rss_minus_imports_mb"]})
+                      # None when a tiny model never lifts the peak above the imports' own peak
+                      "peak_minus_imports_ratio_lora_over_full": (
+                          pair["lora"]["peak_rss_minus_imports_mb"] / pair["full"]["peak_rss_minus_imports_mb"]
+                          if pair["full"]["peak_rss_minus_imports_mb"] > 0 else None)})
     torch.set_num_threads(args.sample_threads)
     samp = bench_sampling(args.sample_config, args.sample_batch, args.sample_iter, args.sample_repeats, args.seed)
 
     rows = [[f"{t['config']} b{t['batch']}", t["full"]["img_s_cpu"], t["lora"]["img_s_cpu"],
              t["img_s_ratio_lora_over_full_cpu"], t["full"]["peak_rss_mb"], t["lora"]["peak_rss_mb"],
-             t["peak_ratio_lora_over_full"], t["peak_minus_imports_ratio_lora_over_full"]] for t in train]
+             t["peak_ratio_lora_over_full"], t["peak_minus_imports_ratio_lora_over_full"] or float("nan")]
+            for t in train]
     print()
     print(fmt_table(rows, ["train", "full img/s", "lora img/s", "lora/full", "full peak MB", "lora peak MB",
                            "peak ratio", "ratio w/o libs"]))
