@@ -142,15 +142,19 @@ def _inject(module: nn.Module, config, name: str) -> None:
         m.train(m.get_base_layer().training)
 
 
+def _layer_adapters(m: nn.Module) -> set:
+    return {k for attr in _ADAPTER_DICTS + ("r",) for k in getattr(m, attr, {})}
+
+
 def _remove(module: nn.Module, name: str, keep_wrappers: Optional[set] = None) -> None:
     """Delete adapter ``name`` from every layer; unwrap layers left without adapters (all of them, or those not
     in ``keep_wrappers`` (ids)); drop its config entry."""
     for lname, m in _layers(module):
-        if name in m._all_available_adapter_names():
-            with _quiet_peft(), warnings.catch_warnings():
+        if name in _layer_adapters(m):
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 m.delete_adapter(name)
-        empty = not m._all_available_adapter_names()
+        empty = not _layer_adapters(m)
         if (keep_wrappers is None and empty) or (keep_wrappers is not None and id(m) not in keep_wrappers):
             parent, _, child = lname.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, child, m.get_base_layer())
