@@ -16,12 +16,12 @@ from .formats import FORMATS, LoraFileError, LoraWeights, combine_lora, detect_f
 from .lora import (active_adapters, adapter_state_dict, add_lora, base_fingerprint, list_adapters,
                    load_adapter_state_dict, load_lora, lora_parameters, merge_lora, require_peft, save_lora,
                    set_adapters, unmerge_lora)
-from .runtime import changes_output, effective_linear, fused_view, is_lora_layer
+from .runtime import is_lora_layer
 from .spec import lora_spec, parse_lora_path
 from .targets import DIFFUSERS_PRESETS, DREAM_PRESETS, TargetError, resolve_targets
 
 __all__ = ["add_lora", "save_lora", "load_lora", "merge_lora", "unmerge_lora", "set_adapters", "lora_parameters",
            "list_adapters", "active_adapters", "adapter_state_dict", "load_adapter_state_dict", "base_fingerprint",
            "require_peft", "resolve_targets", "DREAM_PRESETS", "DIFFUSERS_PRESETS", "TargetError", "FORMATS",
-           "LoraFileError", "LoraWeights", "combine_lora", "detect_format", "read_lora_file", "write_lora_file", "effective_linear", "fused_view",
-           "changes_output", "is_lora_layer", "lora_spec", "parse_lora_path"]
+           "LoraFileError", "LoraWeights", "combine_lora", "detect_format", "read_lora_file", "write_lora_file",
+           "is_lora_layer", "lora_spec", "parse_lora_path"]
