@@ -167,7 +167,7 @@ class DreamGenerator:
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return {"steps": steps, "pairs": n, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
                 "losses": losses}
 
