@@ -77,10 +77,6 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def reference_mar(model, feats, null, orders, *, num_iter, cfg, temperature, noise_fn, steps=STEPS):
     """MAR sampling written from the spec on the model's public API and the generic diffusion loop (in the
     model's dtype: pass a float64 model, features and noise for the float64 truth)."""
