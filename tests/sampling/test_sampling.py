@@ -16,7 +16,6 @@ count. Paths that run the same ops in the same order are compared exactly.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
