@@ -16,6 +16,7 @@ here state instead how large the rounding error of a computation can be, from it
   the order of its result, so the same ``sqrt(n) u`` holds relative to the output's largest entry.
   ``depth`` chained reductions (layers) add their relative errors to first order; ``c = lambda = 4``
   by default, i.e. four standard deviations of the rounding-error random walk.
+* :func:`lowp_rel_tol`: ``c * depth * u`` for bfloat16 / float16 computations with float32 accumulation.
 * :func:`assert_2x`: flash-attention's acceptance rule ("FlashAttention's numerical error is at most twice
   the numerical error of a PyTorch implementation", github.com/Dao-AILab/flash-attention
   ``tests/test_flash_attn.py``) for two implementations of the same math in the same dtype: evaluate the
@@ -67,6 +68,18 @@ def gemm_rel_tol(dtype: torch.dtype, n: int, depth: int = 1, c: float = 4.0) -> 
     if n < 1 or depth < 1:
         raise ValueError(f"n and depth must be >= 1, got n={n}, depth={depth}")
     return c * depth * math.sqrt(n) * U[dtype]
+
+
+def lowp_rel_tol(dtype: torch.dtype, depth: int, c: float = 4.0) -> float:
+    """Relative error bound ``c * depth * u`` of ``depth`` chained reductions whose operands and results are
+    rounded to a 16-bit ``dtype`` (bfloat16, float16) but which accumulate in float32, as CPU and GPU
+    half-precision GEMMs do: rounding the two operands perturbs each product by at most ~2u relative,
+    independently from product to product, so the reduction's relative error is O(u) whatever its length n
+    (the float32 accumulation adds ``sqrt(n) u32``, negligible), plus u for rounding the result; ``depth``
+    such layers add to first order."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    return c * depth * U[dtype]
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,6 +146,6 @@ def float64_truth(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).double()
 
 
-__all__ = ["U", "report", "unit_roundoff", "gemm_rel_tol", "max_rel_err", "assert_rel_close", "assert_2x", "mean_tol",
-           "binomial_tol", "float64_truth"]
+__all__ = ["U", "report", "unit_roundoff", "gemm_rel_tol", "lowp_rel_tol", "max_rel_err", "assert_rel_close",
+           "assert_2x", "mean_tol", "binomial_tol", "float64_truth"]
 
