@@ -26,8 +26,8 @@ here state instead how large the rounding error of a computation can be, from it
   count, and it is sharp: a real mistake (a wrong constant, a dropped term) moves our result by far more
   than rounding. For outputs of a few entries (a score per prompt) the reference's largest error can be
   small by chance; such sites add a ``floor`` of one reduction's bound, ``gemm_rel_tol(dtype, n)``.
-* :func:`mean_tol`: tolerance of a sample mean (Monte Carlo estimate of a probability or an expectation) in
-  standard errors.
+* :func:`mean_tol` / :func:`binomial_tol`: tolerance of a sample mean / proportion (Monte Carlo estimate of
+  an expectation or a probability) in standard errors.
 
 Set ``DREAM_TOL_REPORT=1`` (with ``pytest -s``) to print every check's measured error next to its bound.
 
@@ -52,14 +52,9 @@ def report(what: str, err: float, bound: float) -> None:
         print(f"\n[tol] {what}: error {err:.3e} bound {bound:.3e} ({ratio:.2f} of the bound)")
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Unit roundoff of ``dtype`` (``torch.finfo(dtype).eps / 2``)."""
-    return U[dtype]
-
-
 def gemm_rel_tol(dtype: torch.dtype, n: int, depth: int = 1, c: float = 4.0) -> float:
     """Probabilistic relative error bound ``c * depth * sqrt(n) * u`` of ``depth`` chained dot products of
-    length ``n`` in ``dtype`` (Higham & Mary 2019, Thm 2.4; ``c`` is their lambda).
+    length ``n`` in ``dtype`` (Higham & Mary 2019; ``c`` is their lambda).
 
     ``n`` is the longest reduction of the computation (a Linear's fan-in, a conv's ``C_in * kh * kw``, an
     attention's key count or head dim), ``depth`` the number of such reductions one output depends on in
@@ -109,8 +104,8 @@ def assert_2x(ours: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, what: 
         ref: the plain reference implementation of the same math in the same dtype as ``ours``.
         truth: the same math in float64 (the reference, or our implementation, run with float64 modules
             and inputs).
-        floor: an extra relative allowance (default 0), for outputs where both float32 errors can vanish
-            together (then ``2 |ref - truth|`` gives no room for a different reduction order).
+        floor: an extra relative allowance (default 0) for outputs of a few entries, whose reference error
+            can be small by chance (then ``2 |ref - truth|`` gives no room for another reduction order).
     Returns:
         (our relative error, the reference's relative error), both divided by ``max|truth|``.
     """
@@ -139,13 +134,6 @@ def binomial_tol(p: float, n: int, z: float = 5.0, extra: float = 0.0) -> float:
     return mean_tol(math.sqrt(p * (1.0 - p)), n, z, extra)
 
 
-def float64_truth(module: torch.nn.Module) -> torch.nn.Module:
-    """A float64 deep copy of ``module`` (the truth for :func:`assert_2x`); ``module`` is left unchanged."""
-    import copy
-
-    return copy.deepcopy(module).double()
-
-
-__all__ = ["U", "report", "unit_roundoff", "gemm_rel_tol", "lowp_rel_tol", "max_rel_err", "assert_rel_close",
-           "assert_2x", "mean_tol", "binomial_tol", "float64_truth"]
+__all__ = ["U", "report", "gemm_rel_tol", "lowp_rel_tol", "max_rel_err", "assert_rel_close",
+           "assert_2x", "mean_tol", "binomial_tol"]
 
