@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Shared test helpers live next to this file as plain modules (``from tolerance import gemm_rel_tol``, like
+# ``from conftest import REPO``). pytest's default "prepend" import mode already puts this folder on sys.path
+# when it loads this conftest; say so explicitly so that other import modes work too.
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
 FIXTURES = REPO / "tests" / "fixtures"
 OFFICIAL_TINY = FIXTURES / "official_dream_tiny"
 

@@ -66,14 +66,16 @@ def critic_scores(model, tokens: torch.Tensor, mask: Optional[torch.Tensor], tex
         tokens: (N, L, C); mask: (N, L) bool, True = not decoded yet (None = all known);
         text_emb: (N, E) CLIP-tower embeddings of the prompts.
     Returns:
-        (N,) float32 scores. Computed outside autocast (one encoder pass), so that a bf16 sampling
-        run ranks its candidates with float32 scores.
+        (N,) scores in float32, or float64 for a float64 model (the float64 reference runs of the tests and
+        ``dream check-parity``). Computed outside autocast (one encoder pass), so that a bf16 sampling run
+        ranks its candidates with float32 scores.
     """
     if text_emb.dim() != 2 or text_emb.shape[0] != tokens.shape[0]:
         raise ValueError(f"text_emb must be ({tokens.shape[0]}, E), got {tuple(text_emb.shape)}")
     with torch.autocast(tokens.device.type, enabled=False):
         img = model.encode_image(tokens, mask, normalize=True)
-        return (img.float() * F.normalize(text_emb.float(), dim=-1)).sum(-1)
+        dt = torch.promote_types(img.dtype, torch.float32)          # never below float32, float64 stays
+        return (img.to(dt) * F.normalize(text_emb.to(dt), dim=-1)).sum(-1)
 
 
 class SemanticallyAlignedDecoding:

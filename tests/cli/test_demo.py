@@ -60,7 +60,7 @@ def test_shipped_pipeline_uses_the_shipped_vae_tokenizer():
     imgs, _, metas = world.batch(range(64), "test")
     x = imgs.float() / 127.5 - 1
     rec = tok.decode(tok.encode(x, sample=False)).clamp(-1, 1)
-    assert float((rec - x).abs().mean()) < 0.03
+    assert float((rec - x).abs().mean()) < 0.03    # reconstruction quality of the trained VAE, not a rounding bound
     from dream.eval.compositional import Verifier
 
     assert Verifier(world.config).score(rec, metas, details=False)["question_accuracy"] > 0.95

@@ -1,7 +1,13 @@
 """CLIP score: our torchmetrics wrapper vs torchmetrics used directly and vs a manual computation
-with a tiny random transformers CLIP (offline); DREAM's own score vs a manual cosine."""
+with a tiny random transformers CLIP (offline); DREAM's own score vs a manual cosine.
+
+Tolerances (tests/tolerance.py): the wrapper vs torchmetrics in the same batches runs the same ops, so the
+numbers are equal exactly; independent float32 computations are compared by the 2x rule against the same
+computation in float64, with a floor of one reduction's float32 bound since a score is a handful of numbers.
+"""
 from __future__ import annotations
 
+import copy
 import json
 import string
 
@@ -9,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dream.eval.clipscore import DreamCLIPScore, dream_clip_score, hf_clip_score
+from dream.eval.clipscore import DreamCLIPScore, dream_clip_score, hf_clip_score, load_hf_clip
+from tolerance import assert_2x, gemm_rel_tol
 
 CAPTIONS = ["a red cat", "two blue dogs", "a green square", "the small yellow ball", "a dog on grass"]
 
@@ -51,27 +58,46 @@ def test_hf_clip_score_matches_torchmetrics_and_manual(tiny_clip_dir):
     ours = hf_clip_score(imgs, CAPTIONS, str(d), batch_size=2, progress=False)  # local folder route
     assert ours["num_pairs"] == 5
 
-    tm = CLIPScore(model_name_or_path=lambda: (model, proc))
-    tm.update(imgs, CAPTIONS)
+    # torchmetrics directly, on the model as the wrapper loads it (another instance of the same weights may be
+    # laid out differently in memory and take another GEMM path), in our batches of 2: the same ops in the
+    # same order as the wrapper
+    pair = load_hf_clip(d)
+    tm = CLIPScore(model_name_or_path=lambda: pair)
+    for i in range(0, 5, 2):
+        tm.update(imgs[i:i + 2], CAPTIONS[i:i + 2])
     direct = float(tm.compute())
-    assert ours["clip_score"] == pytest.approx(direct, rel=1e-5, abs=1e-5)
+    assert ours["clip_score"] == direct
 
     # Independent path: our own preprocessing (32x32 input: resize and crop are identities) and the
     # towers + projections called directly, then max(100 * mean cosine, 0).
     ip = proc.image_processor
     mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
-    pixels = (imgs.float() / 255.0 - mean) / std
-    with torch.no_grad():
-        e_img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
-        enc = proc.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
-        e_txt = model.text_projection(model.text_model(**enc).pooler_output)
-    manual = max(float((100 * F.cosine_similarity(e_img, e_txt, dim=-1)).mean()), 0.0)
-    assert ours["clip_score"] == pytest.approx(manual, rel=1e-4, abs=1e-4)
+    enc = proc.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+
+    def manual(model, dtype):
+        pixels = (imgs.to(dtype) / 255.0 - mean.to(dtype)) / std.to(dtype)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)    # transformers builds CLIP's causal mask in the default dtype
+        try:
+            with torch.no_grad():
+                e_img = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+                e_txt = model.text_projection(model.text_model(**enc).pooler_output)
+        finally:
+            torch.set_default_dtype(default)
+        return max(float((100 * F.cosine_similarity(e_img, e_txt, dim=-1)).mean()), 0.0)
+
+    # 2x rule against the manual path in float64; a single number, so with a floor of one reduction's float32
+    # bound (n = 3 x 8 x 8 = 192, the patch embedding, the longest reduction of the tiny CLIP)
+    truth = manual(copy.deepcopy(model).double(), torch.float64)
+    assert truth > 0
+    assert_2x(torch.tensor(ours["clip_score"]), torch.tensor(manual(model, torch.float32)),
+              torch.tensor(truth, dtype=torch.float64),
+              "CLIP score vs manual", floor=gemm_rel_tol(torch.float32, 3 * 8 * 8))
 
     # float images in [-1, 1] give the same number (converted to uint8 like a PNG save)
-    again = hf_clip_score(imgs.float() / 127.5 - 1.0, CAPTIONS, (model, proc), progress=False)
-    assert again["clip_score"] == pytest.approx(ours["clip_score"], rel=1e-5, abs=1e-5)
+    again = hf_clip_score(imgs.float() / 127.5 - 1.0, CAPTIONS, pair, batch_size=2, progress=False)
+    assert again["clip_score"] == ours["clip_score"]
     with pytest.raises(ValueError, match="captions"):
         hf_clip_score(imgs, CAPTIONS[:3], (model, proc), progress=False)
 
@@ -88,6 +114,7 @@ def _toy_text_tokenizer(ctx: int, vocab: int):
 
 def test_dream_clip_score_matches_manual_cosine():
     import dream
+    from dream.models.patchify import patchify
     from dream.models.tokenizers import create_tokenizer
 
     model = dream.create_model("dream_test")
@@ -97,19 +124,34 @@ def test_dream_clip_score_matches_manual_cosine():
     imgs = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
     text_tok = _toy_text_tokenizer(cfg.clip_context_length, cfg.clip_vocab_size)
     res = dream_clip_score(model, imgs, CAPTIONS, vae, text_tok, batch_size=2, progress=False)
-    with torch.no_grad():
+    def manual(model, vae):
+        """100 cos(image embedding, text embedding) from the model's parts, all in the modules' dtype."""
         model.eval()
-        tokens = vae.encode(imgs, sample=False)
-        assert tokens.shape == (5, cfg.seq_len, cfg.token_dim)
-        ei = model.image_projection(model.forward_encoder(tokens).mean(1))   # mean over buffer + tokens
-        et = model.encode_text(text_tok(CAPTIONS), normalize=False)
-    per = 100 * (ei / ei.norm(dim=1, keepdim=True) * (et / et.norm(dim=1, keepdim=True))).sum(1)
-    torch.testing.assert_close(torch.tensor(res["scores"]), per, rtol=1e-4, atol=1e-4)
-    assert res["clip_score"] == pytest.approx(max(float(per.mean()), 0.0), abs=1e-4)
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():
+            z = vae.vae.encode(imgs.to(dtype)).mean                             # posterior mode, as sample=False
+            tokens = patchify((z - vae.config.shift_factor) * vae.config.scaling_factor, vae.patch_size)
+            assert tokens.shape == (5, cfg.seq_len, cfg.token_dim)
+            ei = model.image_projection(model.forward_encoder(tokens).mean(1))   # mean over buffer + tokens
+            et = model.encode_text(text_tok(CAPTIONS), normalize=False)
+        return 100 * (ei / ei.norm(dim=1, keepdim=True) * (et / et.norm(dim=1, keepdim=True))).sum(1)
+
+    per = manual(model, vae)
+    vae64 = copy.deepcopy(vae)
+    vae64.vae = vae64.vae.double()
+    truth = manual(copy.deepcopy(model).double(), vae64)
+    # scored in batches of 2 vs 5 by another cosine formula: 2x rule against float64, with a floor of one
+    # reduction's float32 bound (5 numbers; n = 9 x 64 = 576, the 3x3 convs of vae_test's 64-channel level,
+    # the longest reduction on the way)
+    scores = torch.tensor(res["scores"])
+    assert_2x(scores, per, truth, "DREAM CLIP scores", floor=gemm_rel_tol(torch.float32, 9 * 64))
+    # the reported score is the float64 mean of the per-pair scores (5 of them)
+    assert res["clip_score"] == pytest.approx(max(float(scores.double().mean()), 0.0),
+                                              abs=gemm_rel_tol(torch.float64, 5) * float(scores.abs().max()))
     # pairing matters
     metric = DreamCLIPScore(model, vae, text_tok)
     shuffled = metric.scores(imgs, CAPTIONS[::-1])
-    assert not torch.allclose(shuffled, per, atol=1e-3)
+    assert not torch.allclose(shuffled, per, atol=1e-3)   # other pairs: O(1) score changes, not rounding
     with pytest.raises(ValueError, match="5 images but 4 captions"):
         metric.scores(imgs, CAPTIONS[:4])
 
@@ -130,8 +172,10 @@ def test_cli_clipscore_with_local_clip_folder(tiny_clip_dir, tmp_path):
     assert main(["eval", "clipscore", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "caps.txt"),
                  "--hf-clip", str(d), "--batch-size", "2", "--out", str(out), "--quiet"]) == 0
     res = json.loads(out.read_text())
-    expected = hf_clip_score(imgs, CAPTIONS, (model, proc), progress=False)["clip_score"]
-    assert res["num_pairs"] == 5 and res["clip_score"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # the CLI's model (loaded from the folder) and batches (2) on the same decoded pixels: the same ops in the
+    # same order, so the same number
+    expected = hf_clip_score(imgs, CAPTIONS, str(d), batch_size=2, progress=False)["clip_score"]
+    assert res["num_pairs"] == 5 and res["clip_score"] == expected
     (tmp_path / "bad.txt").write_text("one caption\n")
     with pytest.raises(ValueError, match="1 captions for 5 images"):
         main(["eval", "clipscore", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "bad.txt"),
