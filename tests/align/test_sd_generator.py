@@ -191,11 +191,12 @@ def test_finetune_is_deterministic_for_a_generator_seed_in_pixel_space(folders):
     """The same generator seed gives the same losses and adapter (a pixel-space UNet; the base stays bit-identical)."""
     from dream.adapters import adapter_state_dict
 
+    images = _gen(folders, "pixel").generate(PROMPTS[:2], 0)
+
     def run(seed):
         gen = _gen(folders, "pixel")
         before = _base_state(gen)
-        info = gen.finetune_lora(PROMPTS[:2], gen.generate(PROMPTS[:2], 0), _short(),
-                                 torch.Generator().manual_seed(seed))
+        info = gen.finetune_lora(PROMPTS[:2], images, _short(), torch.Generator().manual_seed(seed))
         assert all(torch.equal(_base_state(gen)[k], v) for k, v in before.items())
         return info["losses"], adapter_state_dict(gen.unet)
 
