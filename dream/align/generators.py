@@ -143,7 +143,9 @@ class DreamGenerator:
         with torch.no_grad():
             tokens = torch.cat([pipe.tokenizer.encode(images[i: i + 256].to(pipe.device), sample=False)
                                 for i in range(0, len(prompts), 256)])
-        add_lora(model, rank=config.rank, alpha=config.alpha, targets=config.targets, dropout=config.dropout)
+        with torch.random.fork_rng(devices=[]):      # peft inits A from the global RNG: seed it from generator
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+            add_lora(model, rank=config.rank, alpha=config.alpha, targets=config.targets, dropout=config.dropout)
         params = lora_parameters(model)
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         masking = MaskingWarmup(MaskingWarmupConfig.fluid())

@@ -25,7 +25,7 @@ __all__ = ["PretrainedCfg", "PretrainedFileError", "list_pretrained", "get_pretr
            "is_pretrained_tag", "ASSETS"]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-KINDS = ("pipeline", "tokenizer", "features")
+KINDS = ("pipeline", "tokenizer", "features", "diffusers")   # diffusers: a StableDiffusionPipeline folder
 
 
 class PretrainedFileError(RuntimeError):
