@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             results[name] = _summary(reports[name])
             results[name]["gains_final_vs_base"] = _gains(reports[name]["base"], reports[name]["rounds"][-1]["eval"])
     if main_rep is not None and main_rep.get("final_adapter"):
-        adapter = Path(main_rep["final_adapter"])
+        adapter = root / "main" / main_rep["final_adapter"]
         if not args.smoke:
             dst = Path(args.adapter_dir)
             if dst.exists():

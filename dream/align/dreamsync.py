@@ -361,23 +361,19 @@ class DreamSync:
         report = {"config": c.to_dict(), "rounds": []}
         report["base"] = self._evaluate(0)
         for r in range(1, c.rounds + 1):
-            done = (self._round_dir(r) / "eval.json").exists() and (self._round_dir(r) / "train.json").exists()
-            if done:                     # resume past a finished round: re-apply its adapter
-                self._train(r, prompts, None, None)
-                entry = {"selection": json.loads((self._round_dir(r) / "selection.json").read_text()),
-                         "eval": json.loads((self._round_dir(r) / "eval.json").read_text())}
-                report["rounds"].append(entry)
-                continue
-            cands = self._candidates(r, prompts)
-            scores = self._scores(r, prompts, sets, cands)
-            sel = self._select(r, scores)
-            train = self._train(r, prompts, cands, sel)
-            ev = self._evaluate(r)
-            report["rounds"].append({"selection": {k: v for k, v in sel.items() if k != "pairs"}, "train": train,
-                                     "eval": ev, "generation": json.loads(
-                                         (self._round_dir(r) / "generation.json").read_text())})
-            log.info("round %d: acceptance %.3f, prompt accuracy %.3f", r, sel["acceptance_rate"],
-                     ev["prompt_accuracy"])
+            d = self._round_dir(r)
+            if (d / "eval.json").exists() and (d / "train.json").exists():
+                self._train(r, prompts, None, None)          # resume past a finished round: re-apply its adapter
+            else:
+                cands = self._candidates(r, prompts)
+                sel = self._select(r, self._scores(r, prompts, sets, cands))
+                self._train(r, prompts, cands, sel)
+                self._evaluate(r)
+            entry = {k: json.loads((d / f"{k}.json").read_text()) for k in ("selection", "train", "eval", "generation")
+                     if (d / f"{k}.json").exists()}
+            report["rounds"].append(entry)
+            log.info("round %d: acceptance %.3f, prompt accuracy %.3f", r, entry["selection"]["acceptance_rate"],
+                     entry["eval"]["prompt_accuracy"])
         for e in report["rounds"]:
             e.get("selection", {}).pop("pairs", None)
         report["final_adapter"] = self._final_adapter()
@@ -394,10 +390,10 @@ class DreamSync:
         rounds = [d for d in rounds if d.exists()]
         if not rounds:
             return None
-        module = getattr(self.gen, "lora_module", None) or self.gen.model
+        module = self.gen.lora_module
         weights = combine_lora([read_lora_file(d, module) for d in rounds])
         path = write_lora_file(weights, module, self.out / "final_lora", "peft")
-        return str(path)
+        return Path(path).relative_to(self.out).as_posix()          # relative to the run folder
 
     def _figures(self, report: dict) -> None:
         from dream.utils.images import save_grid

@@ -61,6 +61,10 @@ class T2IGenerator(Protocol):
 
     def save_lora(self, path, format: str = "peft") -> Path: ...
 
+    @property
+    def lora_module(self) -> "torch.nn.Module":
+        """The module the adapters are added to (reading adapter files needs it)."""
+
     def merge_lora(self) -> None:
         """Fuse the active adapter into the weights (the next round starts from the merged model)."""
 
@@ -79,6 +83,10 @@ class DreamGenerator:
 
     @property
     def model(self):
+        return self.pipe.model
+
+    @property
+    def lora_module(self):
         return self.pipe.model
 
     # ---- generation ----------------------------------------------------------------------------------

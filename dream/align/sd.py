@@ -134,6 +134,10 @@ class DiffusersGenerator:
         return self.pipe.unet
 
     @property
+    def lora_module(self):
+        return self.pipe.unet
+
+    @property
     def vae(self):
         return self.pipe.vae
 

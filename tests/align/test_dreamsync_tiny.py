@@ -87,6 +87,10 @@ class Counting:
     def save_lora(self, path, format="peft"):
         return self.inner.save_lora(path, format=format)
 
+    @property
+    def lora_module(self):
+        return self.inner.lora_module
+
     def merge_lora(self):
         self.inner.merge_lora()
 
@@ -144,11 +148,13 @@ def check_run_folder(out, report, trained: bool = True):
                 "round1/scores.pt", "round1/selection.json", "round1/train.json", "round1/eval.json",
                 "round1/grid.pt", "round1/generation.json"}
     adapter = {"round1/lora/adapter_config.json", "round1/lora/adapter_model.safetensors",
-               "round1/lora_diffusers/pytorch_lora_weights.safetensors"}
+               "round1/lora_diffusers/pytorch_lora_weights.safetensors",
+               "final_lora/adapter_config.json", "final_lora/adapter_model.safetensors"}   # the rounds combined
     assert files == expected | (adapter if trained else set()), files ^ (expected | adapter)
     saved = json.loads((out / "report.json").read_text())
     assert json.dumps(saved, sort_keys=True) == json.dumps(report, sort_keys=True)     # as text: NaN scores
-    assert set(report) == {"config", "base", "rounds"} and len(report["rounds"]) == 1
+    assert set(report) == {"config", "base", "rounds", "final_adapter"} and len(report["rounds"]) == 1
+    assert (report["final_adapter"] is not None) == trained
     assert DreamSyncConfig.from_dict(report["config"]) == DreamSyncConfig.load(out / "config.json")
     r1 = report["rounds"][0]
     assert set(r1) == {"selection", "train", "eval", "generation"}
