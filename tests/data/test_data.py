@@ -16,6 +16,7 @@ from PIL import Image
 
 from dream.data.transforms import ImageTransform, adm_center_crop, eval_transform, pil_to_tensor
 from dream.data.webdataset import expand_urls, make_dataloader
+from tolerance import assert_rel_close, gemm_rel_tol
 
 SIZE = 8
 # Bad samples in the synthetic shards and the reason each must be counted under.
@@ -459,7 +460,9 @@ def test_latent_cache_round_trip(shards, tmp_path, tokenizer_cls, kind):
             assert b[kind].dtype == torch.float32 and b["text"].dtype == torch.float16
             for i, key in enumerate(b["key"]):
                 flipped = bool(b["flipped"][i])
-                torch.testing.assert_close(b[kind][i], reference(key, flipped), rtol=1e-5, atol=1e-5)
+                # one convolution of fan-in <= 3 x 4 x 4, batched here, alone in the reference: a reduction of
+                # length 48 in another order (and the flip moves the same numbers: exact up to that order)
+                assert_rel_close(b[kind][i], reference(key, flipped), gemm_rel_tol(torch.float32, 48), "cached latent")
                 feats, mask = _text_encoder([shards["valid"][key][0]])
                 assert torch.equal(b["text"][i], feats[0].half()) and torch.equal(b["text_mask"][i], mask[0])
                 assert b["caption"][i] == shards["valid"][key][0]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dream
+from tolerance import assert_rel_close, gemm_rel_tol
 from dream.train import TrainConfig
 from dream.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
@@ -44,10 +45,10 @@ def test_resume_is_exact(tmp_path):
     el = [r["elapsed_s"] for r in part]
     assert el == sorted(el) and el[2] > el[1]          # elapsed_s counts on across the resume
     wf, wb = _weights(full), _weights(b)
-    for k in wf:
-        torch.testing.assert_close(wb[k], wf[k], atol=1e-6, rtol=0, msg=k)
+    for k in wf:                                       # resume is bit-exact: the same ops on the same state
+        assert torch.equal(wb[k], wf[k]), k
     for k, v in full.ema.state_dict().items():
-        torch.testing.assert_close(b.ema.state_dict()[k], v, atol=1e-6, rtol=0)
+        assert torch.equal(b.ema.state_dict()[k], v), k
     # the run changed the weights at all, and recorded the masking schedule / metrics
     init = dream.create_model("dream_test", **TINY).state_dict()
     assert any(not torch.equal(init[k], wf[k]) for k in wf if k in init)
@@ -160,14 +161,18 @@ def test_two_process_gloo_equals_one_process_on_concatenated_batch(tmp_path, fsd
     out["loss"].backward()
     ddp = torch.load(tmp_path / "ddp.pt")
     losses = torch.load(tmp_path / "losses.pt")
-    torch.testing.assert_close(ddp["clip"], out["clip_loss"], atol=1e-5, rtol=1e-5)
+    # Two processes reduce over half batches and average, one process over the whole batch: the same math in
+    # another summation order. Bound: the deepest chain here (text tower, encoder, decoder, aligner, diffusion head,
+    # forward and backward, ~30 reductions of length <= 256 = the MLP width) at 4 sqrt(n) u per reduction.
+    tol = gemm_rel_tol(torch.float32, 256, depth=30)
+    assert_rel_close(ddp["clip"], out["clip_loss"].detach(), tol, "DDP clip loss")
     # each rank's loss = its local diffusion mean + the global contrastive term; their mean is the global loss
-    torch.testing.assert_close(losses.mean(), out["loss"].detach(), atol=1e-5, rtol=1e-5)
-    worst = 0.0
-    for n, p in model.named_parameters():
-        g1, g2 = p.grad, ddp["grads"][n]
-        worst = max(worst, float((g1 - g2).abs().max()))
-    assert worst <= 1e-5, worst
+    assert_rel_close(losses.mean(), out["loss"].detach(), tol, "DDP loss")
+    # gradients as one vector (max norm over all parameters): some are exactly zero in math (a bias right before a
+    # BatchNorm), so their rounding noise is only small against the gradient's overall scale
+    names = [n for n, _ in model.named_parameters()]
+    assert_rel_close(torch.cat([ddp["grads"][n].flatten() for n in names]),
+                     torch.cat([p.grad.flatten() for _, p in model.named_parameters()]), tol, "DDP gradients")
 
 
 def test_dream_train_cli_on_tiny_shards_end_to_end(tmp_path):
@@ -218,7 +223,7 @@ def test_dream_train_tensorboard_matches_metrics_and_resume_has_no_duplicate_ste
     assert set(ev["scalars"]) == set(rows[0]) - {"step"} and {"loss", "lr", "clip_loss"} <= set(ev["scalars"])
     for tag, points in ev["scalars"].items():
         assert [s for s, _ in points] == [r["step"] for r in rows], tag
-        assert [v for _, v in points] == pytest.approx([r[tag] for r in rows], rel=1e-6), tag
+        assert [v for _, v in points] == pytest.approx([r[tag] for r in rows], rel=2 ** -24), tag  # float32 events
     assert [s for s, _, _ in ev["images"]["samples"]] == [2, 3]        # in-loop grid at 2, final grid at 3
     # the run "dies" after logging step 3 but before checkpointing it; resuming from step 2 must not show 3 twice
     (run / "checkpoint-00000003.pt").unlink()
@@ -228,7 +233,7 @@ def test_dream_train_tensorboard_matches_metrics_and_resume_has_no_duplicate_ste
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for tag in ("loss", "lr", "elapsed_s"):
         assert [s for s, _ in ev["scalars"][tag]] == [1, 2, 3, 4], tag
-        assert [v for _, v in ev["scalars"][tag]] == pytest.approx([r[tag] for r in rows], rel=1e-6), tag
+        assert [v for _, v in ev["scalars"][tag]] == pytest.approx([r[tag] for r in rows], rel=2 ** -24), tag  # float32 events
     assert [s for s, _, _ in ev["images"]["samples"]] == [2, 4]
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dream.train.vae import VAETrainConfig, VAETrainer, vae_loss
+from tolerance import assert_rel_close, gemm_rel_tol
 
 TINY = {"latent_channels": 4, "block_out_channels": [8, 8], "layers_per_block": 1, "norm_num_groups": 4,
         "patch_size": 2, "sample_size": 16, "mid_block_attention": False}
@@ -35,7 +36,10 @@ def test_loss_decreases_and_export_is_a_working_tokenizer(tmp_path):
     assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 2.0
     # decoding the exported tokenizer's tokens equals the trained VAE's own reconstruction
     ref = t.vae.eval().decode(t.vae.encode(x).mode())
-    assert torch.allclose(tok.decode(tok.encode(x, sample=False)), ref, atol=1e-5)
+    # the tokenizer scales and shifts the latents and undoes it (two roundings of the decoder's input, ~2u of it),
+    # then runs the same decoder: ~10 convolutions of fan-in <= 32 x 9 carry that relative perturbation
+    assert_rel_close(tok.decode(tok.encode(x, sample=False)), ref, gemm_rel_tol(torch.float32, 32 * 9, depth=10),
+                     "tokenizer round trip vs the VAE's reconstruction")
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -67,9 +71,12 @@ def test_kl_term_is_per_element_and_weighted():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     a = vae_loss(vae, x, _cfg(kl_weight=0.0), torch.Generator().manual_seed(1))
     b = vae_loss(vae, x, _cfg(kl_weight=1.0), torch.Generator().manual_seed(1))
-    assert torch.allclose(b["loss"] - a["loss"], b["kl"], atol=1e-5)
+    # (rec + 1 * kl) - rec == kl up to the two roundings of the sum and the difference: 2u of |rec + kl|
+    assert float((b["loss"] - a["loss"] - b["kl"]).abs()) <= 2 * 2 ** -24 * float(b["loss"].abs())
     post = vae.encode(x)
-    assert torch.allclose(a["kl"], post.kl().mean() / post.mean[0].numel(), atol=1e-6)
+    # the same per-element KL terms, averaged in another order: a mean over n terms
+    n = post.mean.numel()
+    assert_rel_close(a["kl"], post.kl().mean() / post.mean[0].numel(), gemm_rel_tol(torch.float32, n), "kl")
 
 
 def test_cli_writes_config_and_tokenizer(tmp_path):
@@ -99,5 +106,5 @@ def test_train_vae_logs_scalars_lr_and_recon_grid_to_tensorboard(tmp_path):
     ev = read_tensorboard(tmp_path / "run" / "tensorboard")
     assert set(ev["scalars"]) == set(rows[0]) - {"step"} and {"loss", "l1", "kl", "lr"} <= set(ev["scalars"])
     for tag, points in ev["scalars"].items():
-        assert points == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in rows], tag
+        assert points == [(r["step"], pytest.approx(r[tag], rel=2 ** -24)) for r in rows], tag  # float32 events
     assert [s for s, _, _ in ev["images"]["recon"]] == [4]
