@@ -151,7 +151,7 @@ _register(PretrainedCfg(
     description="Stable Diffusion in diffusers' classes on ShapesWorld 32x32 (StableDiffusionPipeline folder): "
                 "UNet2DConditionModel (4.2 M) on shapes_vae's 4x4x16 latents, CLIPTextModel (3.3 M, CLIP BPE "
                 "vocabulary) trained jointly, v-prediction, 3,500 steps x 64 images; EMA weights in float16",
-    tokenizer="shapes_vae", text_encoder="trained CLIPTextModel (text_encoder/)",
+    tokenizer="shapes_vae",                    # its VAE; the text encoder is the folder's own (text_encoder/)
     sampler={"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 20, "guidance_scale": 1.5},
     training="training.json (command, seed, wall time, hardware, measured accuracy); recipe train_config.yaml"))
 
