@@ -11,6 +11,7 @@ COMMANDS = {
     "check-parity": ("dream.cli.check_parity", "compare the model with an official parity fixture"),
     "train": ("dream.cli.train", "train or fine-tune a DREAM model"),
     "train-vae": ("dream.cli.train_vae", "train a small KL-VAE tokenizer on ShapesWorld"),
+    "train-sd": ("dream.cli.train_sd", "train a small Stable Diffusion model (diffusers) on ShapesWorld"),
     "sample": ("dream.cli.sample", "generate images from prompts (plain, SAD, best-of-K)"),
     "eval": ("dream.cli.eval", "FID, CLIP score, linear probe, few-shot, retrieval"),
     "data": ("dream.cli.data", "make webdataset shards (folders, CSV/JSONL, ShapesWorld)"),

@@ -132,6 +132,29 @@ _register(PretrainedCfg(
                 "benchmarks/train_shapes_cnn.py",
     training="shapes_cnn.json"))
 
+_register(PretrainedCfg(
+    tag="sd_tiny.shapes", kind="diffusers", folder="sd_tiny_shapes",
+    files={"model_index.json": "f769c4167385232bb0114c2de0ec913c5f307235a426cb7fa4faca5b6b64d589",
+           "scheduler/scheduler_config.json": "724847dcc65b22a563fc8c72bcfd9fbf3e5d726e24ebfe12081ca4c136894ae3",
+           "text_encoder/config.json": "1385682463acd7d136467d1dfeed7da651a037cfae11760167ef2ba44cf35992",
+           "text_encoder/model.safetensors": "8f7a3f6fdb13758e75e87c852183bc76b5ac58be80c2f9d56d1d54076b1b879b",
+           "tokenizer/merges.txt": "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+           "tokenizer/special_tokens_map.json": "a46982c1c09487f4ba4118d4d491a01d7e1b3a9e457662aa93f7c7159f11eaf7",
+           "tokenizer/tokenizer_config.json": "bf29ef120f7718e8ee0dd35b26e4c821690adf30725001ac6c2a7d7281754bae",
+           "tokenizer/vocab.json": "e089ad92ba36837a0d31433e555c8f45fe601ab5c221d4f607ded32d9f7a4349",
+           "train_config.yaml": "33c989a87704cc50e9d1b3796f085c247689687fba648f02cd01245452145bae",
+           "training.json": "e825ab74c45a412b7cdcf3f00caef19e8fe471da5d5d718e7b38ba63e5afa073",
+           "unet/config.json": "3014d67a0cf3b039c979c53176cf2311b72b0404d3b2107f7e8e9e2cfbd2f78f",
+           "unet/diffusion_pytorch_model.safetensors": "9170b34834fbea57f0d276ea1242c0071e6cc41d37f5484a27482fbf0e53fd4b",
+           "vae/config.json": "358a7c4df183ea0defe2e6d784a20c84ef1fce78444e9d724baa9674f36cad1c",
+           "vae/diffusion_pytorch_model.safetensors": "521dbf0dc925b8c5ff99f0e71ef1c6682bf4ece411f95a97cbed69a8f04e48f4"},
+    description="Stable Diffusion in diffusers' classes on ShapesWorld 32x32 (StableDiffusionPipeline folder): "
+                "UNet2DConditionModel (4.2 M) on shapes_vae's 4x4x16 latents, CLIPTextModel (3.3 M, CLIP BPE "
+                "vocabulary) trained jointly, v-prediction, 3,500 steps x 64 images; EMA weights in float16",
+    tokenizer="shapes_vae",                    # its VAE; the text encoder is the folder's own (text_encoder/)
+    sampler={"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 20, "guidance_scale": 1.5},
+    training="training.json (command, seed, wall time, hardware, measured accuracy); recipe train_config.yaml"))
+
 
 # ------------------------------------------------------------------------------------------------------
 # Lookup
