@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a shipped pipeline tag (dream_tiny.shapes) or a pipeline folder")
+    p.add_argument("--model", required=True,
+                   help="a shipped tag (dream_tiny.shapes, sd_tiny.shapes) or a pipeline folder (DREAM or diffusers)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA adapter(s) to load into the model (repeatable)")
     p.add_argument("--sad", default=None, metavar="K,TAU", help="Semantically Aligned Decoding (default: plain)")
@@ -38,20 +39,30 @@ def _read_captions(path: str) -> list[str]:
 
 
 def run(args) -> int:
+    from dream.align.generators import DreamGenerator, load_generator
     from dream.cli.sample import parse_sad
     from dream.eval.geneval_shapes import GenEvalShapes, geneval_prompts
-    from dream.pipeline import DreamPipeline
 
-    pipe = DreamPipeline.from_pretrained(args.model, device=args.device)
+    gen = load_generator(args.model, device=args.device, batch_size=args.batch_size, progress=not args.quiet)
     for spec in args.lora:
         path, _, w = spec.partition(":")
-        pipe.load_lora(path, weight=float(w) if w else 1.0)
+        gen.load_lora(path, weight=float(w) if w else 1.0)
     exclude = _read_captions(args.exclude) if args.exclude else ()
     prompts = geneval_prompts(args.prompts, args.prompt_seed, exclude=exclude)
     bench = GenEvalShapes(num_real=args.num_real)
-    sad = parse_sad(args.sad) if args.sad else None
-    report = bench.run(lambda caps: pipe.generate(caps, seed=args.seed, sad=sad, batch_size=args.batch_size,
-                                                  progress=not args.quiet), prompts)
+    if isinstance(gen, DreamGenerator):
+        sad = parse_sad(args.sad) if args.sad else None
+        pipe = gen.pipe
+
+        def generate(caps):
+            return pipe.generate(caps, seed=args.seed, sad=sad, batch_size=args.batch_size, progress=not args.quiet)
+    else:
+        if args.sad:
+            raise SystemExit("--sad is DREAM's decoding; the model is a diffusers pipeline")
+
+        def generate(caps):
+            return gen.generate(caps, args.seed)
+    report = bench.run(generate, prompts)
     report["settings"] = {"model": args.model, "lora": args.lora, "sad": args.sad, "prompt_seed": args.prompt_seed,
                           "seed": args.seed}
     g = report["geneval"]

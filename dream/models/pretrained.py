@@ -152,7 +152,7 @@ _register(PretrainedCfg(
                 "UNet2DConditionModel (4.2 M) on shapes_vae's 4x4x16 latents, CLIPTextModel (3.3 M, CLIP BPE "
                 "vocabulary) trained jointly, v-prediction, 3,500 steps x 64 images; EMA weights in float16",
     tokenizer="shapes_vae",                    # its VAE; the text encoder is the folder's own (text_encoder/)
-    sampler={"scheduler": "DPMSolverMultistepScheduler", "num_inference_steps": 20, "guidance_scale": 1.5},
+    sampler={"num_inference_steps": 20, "guidance_scale": 1.5},          # with the folder's DPM-Solver++ scheduler
     training="training.json (command, seed, wall time, hardware, measured accuracy); recipe train_config.yaml"))
 
 

@@ -100,3 +100,15 @@ def test_cli_writes_the_schema(tmp_path):
         assert k in r
     assert set(r["geneval"]) == {"overall", *CATEGORIES} and r["n_prompts"] == 8
     assert set(r["per_type"]) <= {"existence", "colour", "count", "size", "relation"}
+
+
+def test_cli_runs_a_diffusers_model_too(tmp_path):
+    from dream.cli import main
+
+    out = tmp_path / "sd.json"
+    assert main(["eval", "geneval-shapes", "--model", "sd_tiny.shapes", "--prompts", "4", "--num-real", "32",
+                 "--quiet", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["n_prompts"] == 4 and set(r["geneval"]) == {"overall", *CATEGORIES}
+    with pytest.raises(SystemExit, match="--sad"):
+        main(["eval", "geneval-shapes", "--model", "sd_tiny.shapes", "--prompts", "2", "--sad", "2,1", "--quiet"])

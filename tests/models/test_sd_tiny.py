@@ -46,7 +46,7 @@ def test_shipped_folder_loads_and_samples_with_stock_diffusers_only(tmp_path):
     assert 0.0 <= out["min"] <= out["max"] <= 1.0
     assert out["unet_dtype"] == out["text_dtype"] == out["vae_dtype"] == "torch.float32"   # fp16 files, fp32 load
     assert out["classes"] == ["UNet2DConditionModel", "CLIPTextModel", "CLIPTokenizer", "AutoencoderKL",
-                              cfg.sampler["scheduler"]]
+                              "DPMSolverMultistepScheduler"]
 
 
 def test_table_entry_lists_every_file_and_the_recorded_sampler():
@@ -60,10 +60,13 @@ def test_table_entry_lists_every_file_and_the_recorded_sampler():
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
     training = json.loads((cfg.path / "training.json").read_text())
-    for k in ("num_inference_steps", "guidance_scale", "scheduler"):
+    for k in ("num_inference_steps", "guidance_scale"):
         assert training["sampler"][k] == cfg.sampler[k], k
     sched = json.loads((cfg.path / "scheduler" / "scheduler_config.json").read_text())
-    assert sched["_class_name"] == cfg.sampler["scheduler"]
+    assert sched["_class_name"] == training["sampler"]["scheduler"] == "DPMSolverMultistepScheduler"
+    from dream.align.sd import SAMPLER_DEFAULTS
+
+    assert set(cfg.sampler) <= set(SAMPLER_DEFAULTS)            # the generator takes the recorded settings as they are
     for k in ("command", "config", "seed", "wall_s", "hardware", "test"):
         assert k in training, k
     size = sum((cfg.path / f).stat().st_size for f in cfg.files)
