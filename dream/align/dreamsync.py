@@ -23,10 +23,12 @@ chunks, so a run continues from the stage it stopped in)::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +76,9 @@ class DreamSyncConfig(ConfigBase):
     num_real: int = 1000
     grid_prompts: int = 8
     # --- runtime ---
-    sampler: dict = field(default_factory=dict)
+    sampler: dict = field(default_factory=dict)          # the generator's sampler settings (everywhere)
+    candidate_sampler: dict = field(default_factory=dict)  # overrides for the candidates only (e.g. fewer steps);
+                                                           # the per-round evaluation keeps `sampler`
     batch_size: int = 128
     chunk_prompts: int = 64                    # prompts per candidate file (resume granularity)
     seed: int = 0
@@ -121,6 +125,22 @@ def safe_scores(fn, images: torch.Tensor, *args) -> tuple[torch.Tensor, int]:
             failed += 1
             log.warning("judge failed on image %d: %s: %s", i, type(e).__name__, e)
     return torch.tensor(out, dtype=torch.float32), failed
+
+
+@contextlib.contextmanager
+def _sampler_overrides(gen, overrides: dict):
+    """Temporarily apply sampler ``overrides`` to a generator with a ``sampler`` dict (both built-in ones)."""
+    if not overrides:
+        yield
+        return
+    if not isinstance(getattr(gen, "sampler", None), dict):
+        raise TypeError(f"candidate_sampler needs a generator with a `sampler` dict; {type(gen).__name__} has none")
+    saved = gen.sampler
+    gen.sampler = {**saved, **overrides}
+    try:
+        yield
+    finally:
+        gen.sampler = saved
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -262,6 +282,16 @@ class DreamSync:
         d.mkdir(exist_ok=True)
         chunks = []
         n_chunks = math.ceil(len(prompts) / c.chunk_prompts)
+        with _sampler_overrides(self.gen, c.candidate_sampler):
+            self._candidate_chunks(r, prompts, d, n_chunks)
+        for j in range(n_chunks):
+            chunks.append(torch.load(d / f"{j:04d}.pt", weights_only=True))
+        stats = {"seconds": sum(x["stats"]["seconds"] for x in chunks)}
+        _atomic_json(self._round_dir(r) / "generation.json", stats)
+        return torch.cat([x["images"] for x in chunks])
+
+    def _candidate_chunks(self, r: int, prompts: list[str], d: Path, n_chunks: int) -> None:
+        c = self.cfg
         for j in tqdm(range(n_chunks), disable=not self.progress, desc=f"round {r}: generate"):
             f = d / f"{j:04d}.pt"
             if not f.exists():
@@ -270,15 +300,11 @@ class DreamSync:
                 if c.keep is not None and c.keep < c.k and hasattr(self.gen, "candidates"):
                     imgs, stats = self.gen.candidates(part, c.k, seed, keep=c.keep, tau=c.tau)
                 else:
-                    t0 = __import__("time").time()
+                    t0 = time.time()
                     flat = self.gen.generate([p for p in part for _ in range(c.k)], seed)
                     imgs = flat.view(len(part), c.k, *flat.shape[1:])
-                    stats = {"seconds": __import__("time").time() - t0}
+                    stats = {"seconds": time.time() - t0}
                 _atomic_save(f, {"images": _to_uint8(imgs), "stats": stats})
-            chunks.append(torch.load(f, weights_only=True))
-        stats = {"seconds": sum(x["stats"]["seconds"] for x in chunks)}
-        _atomic_json(self._round_dir(r) / "generation.json", stats)
-        return torch.cat([x["images"] for x in chunks])
 
     def _scores(self, r: int, prompts: list[str], sets: list[dict], cands: torch.Tensor) -> dict:
         f = self._round_dir(r) / "scores.pt"
