@@ -75,10 +75,15 @@ class Attention(nn.Module):
         else:
             if is_causal:
                 raise ValueError("rows= is not supported with causal attention")
-            w, b = self.qkv.weight, self.qkv.bias
-            xq = torch.gather(x, 1, rows[..., None].expand(-1, -1, D))            # (B, r, D)
-            q = F.linear(xq, w[:D], None if b is None else b[:D]).reshape(B, -1, H, Dh).transpose(1, 2)
-            kv = F.linear(x, w[D:], None if b is None else b[D:])                 # (B, N, 2D)
+            idx = rows[..., None].expand(-1, -1, D)
+            if type(self.qkv) is nn.Linear:                                       # queries of the rows only
+                w, b = self.qkv.weight, self.qkv.bias
+                q = F.linear(torch.gather(x, 1, idx), w[:D], None if b is None else b[:D])       # (B, r, D)
+                kv = F.linear(x, w[D:], None if b is None else b[D:])                             # (B, N, 2D)
+            else:            # a wrapped projection (e.g. a LoRA adapter): its own forward, so its delta counts
+                qkv = self.qkv(x)
+                q, kv = torch.gather(qkv[..., :D], 1, idx), qkv[..., D:]
+            q = q.reshape(B, -1, H, Dh).transpose(1, 2)
             k, v = kv.reshape(B, N, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
         p = self.attn_drop if self.training else 0.0
         x = attention(q, k, v, key_padding_mask=key_padding_mask, is_causal=is_causal, dropout_p=p,
