@@ -10,9 +10,28 @@ text, it runs once per step for both CFG halves (identical results, half the enc
 Speed: the diffusion head makes ``num_iter`` x ``S`` small MLP calls; see
 :mod:`dream.sampling.diffusion_sampler` for its fast path. The decoder's last block runs only for the
 positions revealed at the step (:func:`decode_rows`; its keys/values still cover every position), which
-removes ~20 % of the decoder work at depth 4 (the decoder's own ``rows`` argument). ``SamplerConfig(precision="bf16")`` runs everything under
-``torch.autocast`` (the diffusion arithmetic stays float32), ``compile=True`` compiles the diffusion step.
+removes ~20 % of the decoder work at depth 4 (the decoder's own ``rows`` argument).
+``SamplerConfig(precision="bf16")`` runs everything under ``torch.autocast`` (the diffusion arithmetic stays
+float32), ``compile=True`` compiles the diffusion step.
 Host-device syncs: a few per AR step (reveal count, row selection), none inside the diffusion loop.
+
+Fast-sampling options (all off by default, so the default is exactly the sampler above; each works alone and
+with the others, with SAD, best-of-K and both CFG schedules; :func:`fast_config` is ``fast=True``):
+
+* ``reuse_text_kv`` (exact): the decoder's cross-attention keys / values of the text (and the null prompt, aligned
+  once when every row shares it) are projected once per ``sample`` call instead of at every step.
+* ``num_sampling_steps`` / ``diffusion_sampler`` (approximate): fewer head steps; respaced DDPM (learned variance
+  kept), DDIM (arXiv 2010.02502), DPM-Solver++(2M) or its SDE variant (arXiv 2211.01095).
+* ``num_iter`` (approximate): fewer AR steps (more tokens revealed per step).
+* ``cfg_refresh`` (approximate): LazyMAR's condition cache (arXiv 2503.12450), :meth:`MARSampler._decode_cfg_cached`.
+* ``token_refresh`` / ``token_ratio`` / ``token_full_blocks`` (approximate): LazyMAR's token cache,
+  :class:`dream.models.layers.TokenCache`.
+* ``cfg_until`` (approximate): guidance on the first steps only (guidance interval, arXiv 2404.07724).
+
+Not implemented: continuous speculative decoding (arXiv 2411.11925) needs a draft model (none is shipped) and
+verifies with the target's densities, which for MAR's random-order bidirectional decoding means one target pass
+per drafted position set; KV caching is not exact under MAR's bidirectional attention (LazyMAR's token cache is
+the approximate form). Measured speed and quality of every option: ``benchmarks/bench_fast_sampling.py``.
 """
 from __future__ import annotations
 
