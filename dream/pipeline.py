@@ -181,18 +181,24 @@ class DreamPipeline:
 
     def sampler_config(self, num_iter: Optional[int] = None, cfg: Optional[float] = None,
                        temperature: Optional[float] = None, cfg_schedule: Optional[str] = None,
-                       num_sampling_steps: Optional[str] = None, clip_denoised: Optional[float] = "default"):
+                       num_sampling_steps: Optional[str] = None, clip_denoised: Optional[float] = "default",
+                       fast: bool = False):
         """The :class:`~dream.sampling.SamplerConfig` ``generate`` uses: each None (``"default"`` for
-        ``clip_denoised``) is the pipeline's own setting (``pipeline.json``), else MAR's default."""
-        from dream.sampling import SamplerConfig
+        ``clip_denoised``) is the pipeline's own setting (``pipeline.json``), else MAR's default. ``fast``: the fast
+        preset on top (:func:`dream.sampling.fast_config`); an explicit ``num_iter`` or ``num_sampling_steps`` wins."""
+        from dream.sampling import SamplerConfig, fast_config
 
         d = {**SAMPLING_DEFAULTS, **self.sampling_defaults}
-        return SamplerConfig(num_iter=d["num_iter"] if num_iter is None else num_iter,
-                             cfg=d["cfg"] if cfg is None else cfg,
-                             cfg_schedule=d["cfg_schedule"] if cfg_schedule is None else cfg_schedule,
-                             temperature=d["temperature"] if temperature is None else temperature,
-                             num_sampling_steps=num_sampling_steps,
-                             clip_denoised=self.clip_denoised if clip_denoised == "default" else clip_denoised)
+        sc = SamplerConfig(num_iter=d["num_iter"] if num_iter is None else num_iter,
+                           cfg=d["cfg"] if cfg is None else cfg,
+                           cfg_schedule=d["cfg_schedule"] if cfg_schedule is None else cfg_schedule,
+                           temperature=d["temperature"] if temperature is None else temperature,
+                           num_sampling_steps=num_sampling_steps,
+                           clip_denoised=self.clip_denoised if clip_denoised == "default" else clip_denoised)
+        if not fast:
+            return sc
+        explicit = {"num_iter": num_iter, "num_sampling_steps": num_sampling_steps}
+        return fast_config(sc, **{k: v for k, v in explicit.items() if v is not None})
 
     @torch.no_grad()
     def generate(self, prompts: Union[str, Sequence[str]], num_iter: Optional[int] = None, cfg: Optional[float] = None,
@@ -200,7 +206,7 @@ class DreamPipeline:
                  cfg_schedule: Optional[str] = None, num_sampling_steps: Optional[str] = None,
                  sad: Optional[tuple] = None, rerank: Optional[int] = None, scorer=None,
                  progress: bool = False, return_scores: bool = False, autocast: Optional[torch.dtype] = None,
-                 clip_denoised: Optional[float] = "default"):
+                 clip_denoised: Optional[float] = "default", fast: bool = False):
         """Generate images for ``prompts`` (chunked by ``batch_size``).
 
         Args:
@@ -211,6 +217,8 @@ class DreamPipeline:
             autocast: e.g. ``torch.bfloat16`` to run the networks under autocast.
             clip_denoised: clamp the diffusion head's x0 to [-c, c]; default: the pipeline's setting (1.0 for
                 raw-pixel tokens, None = official for VAE latents).
+            fast: the fast sampling preset (:func:`dream.sampling.fast_config`: approximate, its quality cost is
+                measured in ``benchmarks/bench_fast_sampling.py``); False = the default sampler, unchanged.
         Returns:
             images (N, 3, H, W) in [-1, 1]; with ``return_scores`` also the per-prompt selection scores.
         """
@@ -224,7 +232,10 @@ class DreamPipeline:
         if seed is not None:
             check_seed(seed)
         scfg = self.sampler_config(num_iter=num_iter, cfg=cfg, temperature=temperature, cfg_schedule=cfg_schedule,
-                                   num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised)
+                                   num_sampling_steps=num_sampling_steps, clip_denoised=clip_denoised, fast=fast)
+        if fast and sad is not None and isinstance(sad[1], int) and num_iter is None:
+            base_iter = self.sampler_config().num_iter                             # tau in steps: scale with the steps
+            sad = (sad[0], max(1, min(scfg.num_iter - 1, round(sad[1] * scfg.num_iter / base_iter))))
         g = torch.Generator(device="cpu")
         if seed is not None:
             g.manual_seed(seed)

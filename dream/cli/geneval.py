@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA adapter(s) to load into the model (repeatable)")
     p.add_argument("--sad", default=None, metavar="K,TAU", help="Semantically Aligned Decoding (default: plain)")
+    p.add_argument("--fast", action="store_true", help="fast sampling preset (dream.sampling.FAST_PRESET)")
     p.add_argument("--prompts", type=int, default=300, help="held-out prompts (one image each)")
     p.add_argument("--prompt-seed", type=int, default=0, help="which held-out prompts")
     p.add_argument("--exclude", default=None,
@@ -55,16 +56,17 @@ def run(args) -> int:
         pipe = gen.pipe
 
         def generate(caps):
-            return pipe.generate(caps, seed=args.seed, sad=sad, batch_size=args.batch_size, progress=not args.quiet)
+            return pipe.generate(caps, seed=args.seed, sad=sad, batch_size=args.batch_size, progress=not args.quiet,
+                                 fast=args.fast)
     else:
-        if args.sad:
-            raise SystemExit("--sad is DREAM's decoding; the model is a diffusers pipeline")
+        if args.sad or args.fast:
+            raise SystemExit("--sad and --fast are DREAM's decoding; the model is a diffusers pipeline")
 
         def generate(caps):
             return gen.generate(caps, args.seed)
     report = bench.run(generate, prompts)
     report["settings"] = {"model": args.model, "lora": args.lora, "sad": args.sad, "prompt_seed": args.prompt_seed,
-                          "seed": args.seed}
+                          "seed": args.seed, "fast": args.fast}
     g = report["geneval"]
     print(f"prompt accuracy {report['prompt_accuracy']:.3f} ±{report['prompt_accuracy_se']:.3f}  GenEval overall "
           f"{g['overall']:.3f}  counting {g['counting']:.3f}  position {g['position']:.3f}  over-count "

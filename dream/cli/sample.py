@@ -4,6 +4,7 @@
     dream sample --model runs/x --prompts prompts.txt --sad 5,8 --seed 0 --out samples/
     dream sample --model dream_tiny.shapes --rerank 5 "a green triangle" --out samples/
     dream sample --model dream_tiny.shapes --lora runs/l/lora --lora style.safetensors:0.5 "a red square"
+    dream sample --model dream_tiny.shapes --fast "a red square" --out samples/
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sad", default=None, metavar="K,TAU", help="Semantically Aligned Decoding, e.g. 5,8 or 5,0.125")
     p.add_argument("--rerank", type=int, default=None, metavar="K", help="best-of-K reranking with DREAM's score")
+    p.add_argument("--fast", action="store_true",
+                   help="fast sampling preset (dream.sampling.FAST_PRESET; approximate, see README 'Fast sampling')")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--device", default=None)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
@@ -80,12 +83,13 @@ def run(args) -> int:
                                    seed=args.seed, batch_size=args.batch_size, cfg_schedule=args.cfg_schedule,
                                    num_sampling_steps=args.num_sampling_steps, sad=sad, rerank=args.rerank,
                                    progress=True, return_scores=True,
-                                   autocast=torch.bfloat16 if args.bf16 else None)
+                                   autocast=torch.bfloat16 if args.bf16 else None, fast=args.fast)
     out = Path(args.out)
     paths = save_images(images, out)
     grid = save_grid(images, prompts, out / "grid.png")
     meta = {"prompts": prompts, "files": [p.name for p in paths], "seed": args.seed, "sad": args.sad,
-            "rerank": args.rerank, "lora": list(args.lora), "scores": None if scores is None else scores.tolist()}
+            "rerank": args.rerank, "lora": list(args.lora), "fast": args.fast,
+            "scores": None if scores is None else scores.tolist()}
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {len(paths)} images and {grid}")
     return 0

@@ -170,9 +170,7 @@ class DREAM(nn.Module):
         cfg = self.config
         B, L, _ = tokens.shape
         buf = cfg.buffer_size
-        x = self.z_proj(tokens)                                                   # (B, L, De)
-        x = torch.cat([self.buffer_embedding(B, buffer)[:, None].expand(-1, buf, -1).to(x.dtype), x], dim=1)
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)                    # (B, buf + L, De)
+        x = self.encoder_input(tokens, buffer)                                    # (B, buf + L, De)
         pad = None
         if mask is not None and bool(mask.any()):
             keep = torch.cat([torch.ones(B, buf, dtype=torch.bool, device=mask.device), ~mask], dim=1)
@@ -182,6 +180,43 @@ class DREAM(nn.Module):
         if apply_norm:
             x = self.encoder_norm(x)
         return (x, pad) if return_padding else x
+
+    def encoder_input(self, tokens: torch.Tensor, buffer: str = "class") -> torch.Tensor:
+        """The encoder's input at every position, before masked tokens are dropped: (B, buffer + L, De)."""
+        buf = self.config.buffer_size
+        x = self.z_proj(tokens)                                                   # (B, L, De)
+        x = torch.cat([self.buffer_embedding(x.shape[0], buffer)[:, None].expand(-1, buf, -1).to(x.dtype), x], dim=1)
+        return self.z_proj_ln(x + self.encoder_pos_embed_learned)
+
+    # -- LazyMAR token cache (sampling fast path; see dream.models.layers.TokenCache) -------------------------
+    def forward_encoder_cached(self, tokens: torch.Tensor, mask: torch.Tensor, cache, must=None,
+                               refresh: bool = False) -> torch.Tensor:
+        """``forward_encoder`` in position space through a :class:`~dream.models.layers.TokenCache`: (B, buffer + L,
+        De), masked positions excluded as keys (their rows are meaningless). A refresh equals ``forward_encoder``
+        scattered to positions (up to float rounding); cached calls recompute ``must`` (B, buffer + L) plus the
+        cache's selection."""
+        self._check_tokens(tokens, mask)
+        buf = self.config.buffer_size
+        pad = torch.cat([torch.zeros_like(mask[:, :1]).expand(-1, buf), mask], dim=1)     # True = not a key
+        x = cache.run(self.encoder_blocks, self.encoder_input(tokens), must=must, valid=~pad, refresh=refresh,
+                      key_padding_mask=pad)
+        return self.encoder_norm(x)
+
+    def forward_decoder_cached(self, h: torch.Tensor, mask: torch.Tensor, y: Optional[torch.Tensor],
+                               text_padding_mask: Optional[torch.Tensor], rows: torch.Tensor, cache, must=None,
+                               refresh: bool = False, y_kv: Optional[list] = None) -> torch.Tensor:
+        """``forward_decoder(..., rows=rows)`` from a position-space encoder output ``h`` (B, buffer + L, De) through a
+        :class:`~dream.models.layers.TokenCache`; ``rows`` (B, r) token positions must be among the recomputed ones
+        (``must``, (B, buffer + L) bool, in buffer-offset positions). Returns (B, r, Dd)."""
+        buf = self.config.buffer_size
+        x = self.decoder_embed(h)
+        keep = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, buf), ~mask], dim=1)
+        x = torch.where(keep[..., None], x, self.mask_token.to(x.dtype))
+        x = self.decoder_proj_ln(x + self.decoder_pos_embed_learned)
+        bk = None if y_kv is None else [{"kv": kv} for kv in y_kv]
+        x = cache.run(self.decoder_blocks, x, y, text_padding_mask, must=must, refresh=refresh, block_kwargs=bk)
+        x = torch.gather(x, 1, (rows + buf)[..., None].expand(-1, -1, x.shape[-1]))
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[0][rows]
 
     def pool(self, h: torch.Tensor, pad: Optional[torch.Tensor] = None, how: str = "mean") -> torch.Tensor:
         """Pool encoder output: ``mean`` over all rows (contrastive, official) or ``buffer`` rows (probe)."""
@@ -252,28 +287,42 @@ class DREAM(nn.Module):
             x = tok.scatter(1, idx[..., None].expand(-1, -1, x.shape[-1]), x)  # (B, buf + L, Dd)
         return self.decoder_proj_ln(x + self.decoder_pos_embed_learned)
 
-    def forward_decoder(self, h: torch.Tensor, mask: Optional[torch.Tensor], y: torch.Tensor,
+    def decoder_text_kv(self, y: torch.Tensor) -> list:
+        """Every decoder block's cross-attention keys and values of the aligned text ``y`` (B, Lt, Dd): a list of
+        (k, v) pairs, each (B, H, Lt, Dh), for ``forward_decoder(..., y_kv=)`` (the text is fixed while a sampler
+        runs, so it need not be projected again at every step)."""
+        return [blk.cross_attn.project_kv(y) for blk in self.decoder_blocks]
+
+    def forward_decoder(self, h: torch.Tensor, mask: Optional[torch.Tensor], y: Optional[torch.Tensor],
                         text_padding_mask: Optional[torch.Tensor] = None,
-                        rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        rows: Optional[torch.Tensor] = None, y_kv: Optional[list] = None) -> torch.Tensor:
         """Encoder output + mask tokens, cross-attending to y -> per-token condition z (B, L, Dd).
 
         ``rows`` (B, r) long, token positions in [0, L): only those positions' conditions, (B, r, Dd). The last
         decoder block then computes its queries, cross-attention and MLP for those rows only (a sampling step
         needs the few positions it reveals: ~20 % of the decoder at depth 4); same values as the full output
-        gathered at ``rows``."""
+        gathered at ``rows``. ``y_kv``: :meth:`decoder_text_kv` of ``y``, precomputed (``y`` may then be None)."""
         cfg = self.config
         buf = cfg.buffer_size
-        x = self.decoder_input(h, mask)
-        if rows is None:
-            x = run_blocks(self.decoder_blocks, x, y, y_padding_mask=text_padding_mask,
-                           checkpointing=cfg.grad_checkpointing)
-            return self.decoder_norm(x)[:, buf:] + self.diffusion_pos_embed_learned
-        if rows.dim() != 2 or rows.shape[0] != x.shape[0] or rows.dtype != torch.long:
+        if rows is not None and (rows.dim() != 2 or rows.shape[0] != h.shape[0] or rows.dtype != torch.long):
             raise ValueError(f"rows must be a (B, r) long tensor of token positions, got {tuple(rows.shape)} "
                              f"{rows.dtype}")
-        x = run_blocks(self.decoder_blocks[:-1], x, y, y_padding_mask=text_padding_mask,
-                       checkpointing=cfg.grad_checkpointing)
-        x = self.decoder_blocks[-1](x, y, text_padding_mask, rows=rows + buf)     # (B, r, Dd)
+        if y_kv is not None and len(y_kv) != len(self.decoder_blocks):
+            raise ValueError(f"y_kv has {len(y_kv)} entries for {len(self.decoder_blocks)} decoder blocks")
+        x = self.decoder_input(h, mask)
+        if y_kv is not None:
+            last = len(self.decoder_blocks) - 1
+            for j, (blk, kv) in enumerate(zip(self.decoder_blocks, y_kv)):
+                x = blk(x, None, text_padding_mask, rows=rows + buf if rows is not None and j == last else None, kv=kv)
+        elif rows is None:
+            x = run_blocks(self.decoder_blocks, x, y, y_padding_mask=text_padding_mask,
+                           checkpointing=cfg.grad_checkpointing)
+        else:
+            x = run_blocks(self.decoder_blocks[:-1], x, y, y_padding_mask=text_padding_mask,
+                           checkpointing=cfg.grad_checkpointing)
+            x = self.decoder_blocks[-1](x, y, text_padding_mask, rows=rows + buf)     # (B, r, Dd)
+        if rows is None:
+            return self.decoder_norm(x)[:, buf:] + self.diffusion_pos_embed_learned
         return self.decoder_norm(x) + self.diffusion_pos_embed_learned[0][rows]
 
     # ------------------------------------------------------------------------------------------

@@ -13,3 +13,6 @@ from .schedules import mask_len_after as mask_len_after
 from .schedules import reveal_counts as reveal_counts
 from .diffusion_sampler import intra_op_threads as intra_op_threads
 from .mar import decode_rows as decode_rows
+from .mar import FAST_PRESET as FAST_PRESET
+from .mar import fast_config as fast_config
+from .mar import FAST_AR_SCALE as FAST_AR_SCALE

@@ -1,4 +1,4 @@
-"""Fast token sampling with the diffusion head: respaced DDPM (official) or DDIM.
+"""Fast token sampling with the diffusion head: respaced DDPM (official), DDIM or DPM-Solver++(2M).
 
 The hot path of generation: every AR step samples its revealed tokens through ``S`` denoising steps
 (64 AR steps x 100 diffusion steps = 6,400 small MLP calls per image batch). The official loop pays
@@ -24,6 +24,14 @@ The hot path of generation: every AR step samples its revealed tokens through ``
 Noise is drawn exactly as the official loop draws it (initial ``(n, C)``, then ``(rows, C)`` per step,
 the unconditional half unused), so a seeded generator or a replayed noise tape gives the official
 samples up to float32 rounding (see ``dream check-parity``).
+
+Few-step solvers (approximate: a different sampler of the same model, quality measured in
+``benchmarks/bench_fast_sampling.py``): ``dpm++2m`` is DPM-Solver++(2M) (Lu et al., arXiv 2211.01095), the
+multistep second-order solver of the probability-flow ODE in data (x0) prediction, so ``clip_denoised`` is its
+thresholding; ``dpm++2m-sde`` is its SDE counterpart (SDE-DPM-Solver++(2M), same paper), which injects fresh
+noise every step like DDPM (``temperature`` scales that noise; the ODE solvers, like DDIM with eta = 0,
+inject none). Both run on the respaced steps (``num_sampling_steps``) and return the data prediction of the
+last one. DDIM: Song et al., arXiv 2010.02502.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from dream.diffusion import GaussianDiffusion, create_diffusion
 from dream.utils import rng
 
 NoiseFn = Callable[[tuple], torch.Tensor]
+METHODS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
 COMPILE_MODES = (False, True, "default", "reduce-overhead", "max-autotune")
 
 
@@ -62,8 +71,9 @@ class TokenDiffusionSampler:
         net: the diffusion MLP (``model.diffloss.net``).
         num_sampling_steps: respacing of the training diffusion ("100", "25", "ddim10", ...).
         noise_schedule, diffusion_steps: the training diffusion (cosine, 1000).
-        method: ``ddpm`` (official ancestral sampling) or ``ddim``. eta: DDIM noise (0 = deterministic).
-        compile: False (eager), True / a ``torch.compile`` mode to compile the per-step function.
+        method: ``ddpm`` (official ancestral sampling), ``ddim``, ``dpm++2m`` or ``dpm++2m-sde`` (module docstring).
+            eta: DDIM noise (0 = deterministic).
+        compile: False (eager), True / a ``torch.compile`` mode to compile the per-step function (``ddpm`` only).
             Dynamic row counts are handled by dynamo's automatic dynamic shapes (at most ~2 compilations
             per guidance setting). ``"reduce-overhead"`` uses CUDA graphs (GPU only; untested here).
         chunk_bytes: memory budget of the precomputed adaLN modulations per chunk of steps.
@@ -81,8 +91,8 @@ class TokenDiffusionSampler:
                  diffusion_steps: int = 1000, method: str = "ddpm", eta: float = 0.0, *,
                  compile: Union[bool, str] = False, chunk_bytes: int = 32 << 20,
                  loop_threads: Optional[int] = None, clip_denoised: Optional[float] = None):
-        if method not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown diffusion sampler {method!r} (ddpm | ddim)")
+        if method not in METHODS:
+            raise ValueError(f"unknown diffusion sampler {method!r} ({' | '.join(METHODS)})")
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         if eta < 0:
@@ -119,7 +129,10 @@ class TokenDiffusionSampler:
         ddpm: (r, rm1, c1, c2, a, b) with x0 = r x - rm1 eps, mean = c1 x0 + c2 x and
               std = exp(0.5 log_var) = exp(a + b v), a = (lb + lp) / 4, b = (lb - lp) / 4
               (log_var = frac lb + (1 - frac) lp, frac = (v + 1) / 2).
-        ddim: (x0 = (x - s1 eps) / sa, x = x0 sap + s2 eps + sigma noise): (s1, sa, sap, s2, sigma)."""
+        ddim: (x0 = (x - s1 eps) / sa, x = x0 sap + s2 eps + sigma noise): (s1, sa, sap, s2, sigma).
+        dpm++2m(-sde): see :meth:`_dpm_coefficients`."""
+        if self.method.startswith("dpm"):
+            return self._dpm_coefficients()
         d = self.diffusion
         f32 = (lambda t: t.float().double())  # the official float32 value of each table entry
         out = []
@@ -135,6 +148,39 @@ class TokenDiffusionSampler:
                 out.append((math.sqrt(1 - abar), math.sqrt(abar), math.sqrt(prev),
                             math.sqrt(max(1 - prev - sigma ** 2, 0.0)), sigma))
         return out
+
+    def _dpm_coefficients(self) -> list[tuple[float, ...]]:
+        """Per step i (moving from the respaced step i to i - 1), float64 -> Python floats:
+        (1 / alpha_s, sigma_s / alpha_s, a_x, a_d, a_c, s_z) with the data prediction x0 = x / alpha_s - (sigma_s /
+        alpha_s) eps and x_next = a_x x + a_d x0 + a_c (x0 - x0_prev) + s_z noise.
+
+        With lambda = log(alpha / sigma) and h = lambda_t - lambda_s (arXiv 2211.01095, eqs. for the 2M solvers):
+        ODE a_x = sigma_t / sigma_s, a_d = alpha_t (1 - e^-h); SDE a_x = (sigma_t / sigma_s) e^-h,
+        a_d = alpha_t (1 - e^-2h), s_z = sigma_t sqrt(1 - e^-2h). The second-order term uses the previous data
+        prediction: a_c = a_d / (2 r), r = h_prev / h; 0 at the first step and on the step into the last one (first
+        order there, "lower order final": on the cosine schedule that step's h is several times the previous one and
+        the extrapolation is unstable). Step 0 returns x0 (coefficients unused)."""
+        abar = self.diffusion.alphas_cumprod
+        alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()
+        lam = (alpha / sigma).log()
+        sde = self.method.endswith("sde")
+        out, h_prev = [], None
+        for i in range(self.num_steps - 1, -1, -1):
+            a_s, s_s = float(alpha[i]), float(sigma[i])
+            if i == 0:
+                out.append((1.0 / a_s, s_s / a_s, 0.0, 0.0, 0.0, 0.0))
+                break
+            a_t, s_t = float(alpha[i - 1]), float(sigma[i - 1])
+            h = float(lam[i - 1] - lam[i])
+            if sde:
+                a_x, a_d = s_t / s_s * math.exp(-h), -a_t * math.expm1(-2 * h)
+                s_z = s_t * math.sqrt(-math.expm1(-2 * h))
+            else:
+                a_x, a_d, s_z = s_t / s_s, -a_t * math.expm1(-h), 0.0
+            a_c = 0.0 if h_prev is None or i == 1 else a_d * h / (2 * h_prev)   # first order into the last step
+            out.append((1.0 / a_s, s_s / a_s, a_x, a_d, a_c, s_z))
+            h_prev = h
+        return out[::-1]                                             # indexed by step i
 
     def _coef_tensors(self, device: torch.device) -> list[torch.Tensor]:
         key = ("coefs", device)
@@ -243,6 +289,8 @@ class TokenDiffusionSampler:
             c_emb = F.linear(z.to(cd), *wt["cond"])                      # (rows, W), once per call
             if self.method == "ddim":
                 return self._sample_ddim(x, c_emb, wt, n, C, guided, cfg, temperature, draw)
+            if self.method != "ddpm":
+                return self._sample_dpm(x, c_emb, wt, n, C, guided, cfg, temperature, draw)
             S = self.num_steps
             per_step = rows * (wt["ada"][0].shape[0]) * c_emb.element_size()
             chunk = max(1, min(S, self.chunk_bytes // max(per_step, 1)))
@@ -282,4 +330,33 @@ class TokenDiffusionSampler:
             x = x0 * sap + s2 * eps
             if i > 0 and self.eta > 0:
                 x = x + sigma * draw((2 * n if guided else n, C))[:n] * temperature
+        return x
+
+    def _sample_dpm(self, x, c_emb, wt, n, C, guided, cfg, temperature, draw):
+        """DPM-Solver++(2M) / SDE-DPM-Solver++(2M) on the respaced steps (coefficients: :meth:`_dpm_coefficients`)."""
+        S, clip, prev = self.num_steps, self.clip_denoised, None
+        dev = x.device
+        per_step = c_emb.shape[0] * wt["ada"][0].shape[0] * c_emb.element_size()
+        chunk = max(1, min(S, self.chunk_bytes // max(per_step, 1)))
+        for hi in range(S - 1, -1, -chunk):
+            lo = max(0, hi - chunk + 1)
+            mods = self.net.fused_modulations(wt, c_emb, lo, hi)
+            with intra_op_threads(self.loop_threads if dev.type == "cpu" else None):
+                for i in range(hi, lo - 1, -1):
+                    out = self.net.fused_forward(x.to(mods.dtype), mods[i - lo], wt, guided).to(x.dtype)
+                    eps = out[:n, :C]
+                    if guided:
+                        eps = torch.add(out[n:, :C], eps - out[n:, :C], alpha=cfg)
+                    ra, sa, a_x, a_d, a_c, s_z = self._coefs[i]
+                    x0 = torch.sub(x * ra, eps, alpha=sa)
+                    if clip is not None:
+                        x0 = x0.clamp(-clip, clip)
+                    if i == 0:
+                        return x0
+                    nxt = torch.add(x * a_x, x0, alpha=a_d)
+                    if prev is not None and a_c:
+                        nxt = nxt.add_(x0 - prev, alpha=a_c)
+                    if s_z:
+                        nxt = nxt.add_(draw((n, C)), alpha=s_z * temperature)
+                    x, prev = nxt, x0
         return x
