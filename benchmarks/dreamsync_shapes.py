@@ -44,8 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--eval-prompts", type=int, default=300)
     p.add_argument("--repro-seeds", type=int, nargs="*", default=[1, 2], help="other held-out prompt seeds")
-    p.add_argument("--lora", default='{"rank": 16, "lr": 5e-4, "epochs": 4, "min_steps": 100}',
-                   help="LoraTrainConfig fields (JSON)")
+    p.add_argument("--lora", default='{"rank": 16, "lr": 5e-4, "epochs": 6, "batch_size": 32, "min_steps": 100, '
+                                     '"max_steps": 400}', help="LoraTrainConfig fields (JSON)")
+    p.add_argument("--candidate-sampler", default='{"num_sampling_steps": "15", "num_iter": 12}',
+                   help="sampler overrides for the candidates (JSON; the evaluation keeps the pipeline's settings)")
     p.add_argument("--runs", nargs="*", default=["main", "random_selection", "self_judge"])
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "dreamsync_shapes.json"))
     p.add_argument("--adapter-dir", default=str(REPO / "benchmarks" / "results" / "dreamsync_shapes_lora"))
@@ -60,7 +62,7 @@ def _config(args, **kw):
 
     return DreamSyncConfig(model=args.model, num_prompts=args.prompts, k=args.k, rounds=args.rounds,
                            eval_prompts=args.eval_prompts, num_real=args.num_real, lora=json.loads(args.lora),
-                           **kw)
+                           candidate_sampler=json.loads(args.candidate_sampler), **kw)
 
 
 def _seed_from(src: Path, dst: Path, what) -> None:
