@@ -173,8 +173,10 @@ class MARSampler:
         y_null = None
         with self.config.autocast(dev):
             y = m.forward_text_aligner(text_feats, text_padding_mask)
+            y, text_padding_mask = m.extend_text_condition(y, text_padding_mask, "cond")        # soft tokens, if any
             if self.guided:
                 y_null = m.forward_text_aligner(null_feats, null_padding_mask)
+                y_null, null_padding_mask = m.extend_text_condition(y_null, null_padding_mask, "uncond")
         if orders is None:
             orders = sample_orders(B, mc.seq_len, generator=generator, device=dev)
         tokens = torch.zeros(B, mc.seq_len, mc.token_dim, device=dev, dtype=m.z_proj.weight.dtype)  # model dtype
