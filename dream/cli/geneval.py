@@ -2,6 +2,7 @@
 
     dream eval geneval-shapes --model dream_tiny.shapes --prompts 300 --prompt-seed 0 --seed 0 --out r.json
     dream eval geneval-shapes --model dream_tiny.shapes --lora runs/ds/round3/lora --sad 4,0.25 --out r.json
+    dream eval geneval-shapes --model dream_tiny.shapes --soft-tokens runs/agsm/tokens --prompt-seed 1 --out r.json
 
 Prints a one-line summary and writes the report (every rate with its standard error) as JSON.
 """
@@ -14,10 +15,13 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dream.cli.sample import add_soft_token_arguments
+
     p.add_argument("--model", required=True, help="a shipped pipeline tag (dream_tiny.shapes) or a pipeline folder")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA adapter(s) to load into the model (repeatable)")
     p.add_argument("--sad", default=None, metavar="K,TAU", help="Semantically Aligned Decoding (default: plain)")
+    add_soft_token_arguments(p)
     p.add_argument("--prompts", type=int, default=300, help="held-out prompts (one image each)")
     p.add_argument("--prompt-seed", type=int, default=0, help="which held-out prompts")
     p.add_argument("--exclude", default=None,
@@ -38,7 +42,7 @@ def _read_captions(path: str) -> list[str]:
 
 
 def run(args) -> int:
-    from dream.cli.sample import parse_sad
+    from dream.cli.sample import apply_soft_tokens, parse_sad
     from dream.eval.geneval_shapes import GenEvalShapes, geneval_prompts
     from dream.pipeline import DreamPipeline
 
@@ -46,6 +50,7 @@ def run(args) -> int:
     for spec in args.lora:
         path, _, w = spec.partition(":")
         pipe.load_lora(path, weight=float(w) if w else 1.0)
+    apply_soft_tokens(pipe, args, "dream eval geneval-shapes")
     exclude = _read_captions(args.exclude) if args.exclude else ()
     prompts = geneval_prompts(args.prompts, args.prompt_seed, exclude=exclude)
     bench = GenEvalShapes(num_real=args.num_real)
@@ -53,7 +58,7 @@ def run(args) -> int:
     report = bench.run(lambda caps: pipe.generate(caps, seed=args.seed, sad=sad, batch_size=args.batch_size,
                                                   progress=not args.quiet), prompts)
     report["settings"] = {"model": args.model, "lora": args.lora, "sad": args.sad, "prompt_seed": args.prompt_seed,
-                          "seed": args.seed}
+                          "seed": args.seed, "soft_tokens": args.soft_tokens, "uncon2neg": args.uncon2neg}
     g = report["geneval"]
     print(f"prompt accuracy {report['prompt_accuracy']:.3f} ±{report['prompt_accuracy_se']:.3f}  GenEval overall "
           f"{g['overall']:.3f}  counting {g['counting']:.3f}  position {g['position']:.3f}  over-count "
