@@ -47,7 +47,8 @@ class SoftTrainConfig(ConfigBase):
     # --- tokens ---
     n_tokens: int = 4
     time_bins: int = 0                         # 100 = the authors' t // 10 table (DREAM: on the head's condition)
-    init_std: float = 0.02
+    init: str = "normal"                       # normal (N(0, init_std)) | null (the aligned null prompt's first
+    init_std: float = 0.02                     # token, as the authors start SD1.5 tokens from the "" BOS) | zeros
     shared_tokens: bool = False                # AGSM ablation: one set for positives and negatives
     uncon2neg: bool = False                    # sampling: CFG's unconditional branch uses psi-
     # --- data ---
@@ -89,6 +90,8 @@ class SoftTrainConfig(ConfigBase):
             raise ValueError(f"unknown method {self.method!r} ({' | '.join(METHODS)})")
         if self.batch_size < 2 or self.steps < 0 or self.n_tokens < 1:
             raise ValueError("need batch_size >= 2, steps >= 0, n_tokens >= 1")
+        if self.init not in ("normal", "null", "zeros"):
+            raise ValueError(f"unknown init {self.init!r} (normal | null | zeros)")
         if self.ema_init not in ("copy", "independent"):
             raise ValueError(f"unknown ema_init {self.ema_init!r} (copy | independent)")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -200,13 +203,19 @@ class SoftTokenTrainer:
         self.world = ShapesWorld()
         c = config
         g = torch.Generator().manual_seed(c.seed)
+        init = None
+        if c.init == "null":
+            with torch.no_grad():
+                init = pipeline.model.forward_text_aligner(*pipeline.text.null(1))[0, 0].cpu()
         tc = SoftTokenConfig(dim=pipeline.model.config.decoder_embed_dim, n_tokens=c.n_tokens, n_sets=c.n_sets,
                              time_bins=c.time_bins, num_timesteps=pipeline.model.config.diffusion_steps,
-                             init_std=c.init_std, backbone="dream", uncon2neg=c.uncon2neg, method=c.method)
-        self.bank = SoftTokenBank(tc, g).to(pipeline.device)
+                             init="given" if init is not None else c.init, init_std=c.init_std, backbone="dream",
+                             uncon2neg=c.uncon2neg, method=c.method)
+        self.bank = SoftTokenBank(tc, g, init).to(pipeline.device)
         self.ema = None
         if c.method == "agsm":
-            self.ema = copy.deepcopy(self.bank) if c.ema_init == "copy" else SoftTokenBank(tc, g).to(pipeline.device)
+            self.ema = copy.deepcopy(self.bank) if c.ema_init == "copy" else \
+                SoftTokenBank(tc.replace(init="normal"), g).to(pipeline.device)
             self.ema.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.bank.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.999),
                                      eps=1e-8)
@@ -214,6 +223,7 @@ class SoftTokenTrainer:
                                                                           eta_min=c.lr_min)
         self.gen = torch.Generator().manual_seed(c.seed * 1_000_003 + 17)
         self.step = 0
+        self.seconds = 0.0                      # training time over every session (checkpointed)
         self.captions: set = set()
         if resume and (self.out / "checkpoint.pt").exists():
             self._load()
@@ -224,7 +234,7 @@ class SoftTokenTrainer:
     def _state(self) -> dict:
         return {"step": self.step, "bank": self.bank.state_dict(), "ema": None if self.ema is None else
                 self.ema.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "gen": self.gen.get_state(), "captions": sorted(self.captions)}
+                "gen": self.gen.get_state(), "captions": sorted(self.captions), "seconds": self.seconds}
 
     def _save(self) -> None:
         _atomic_torch_save(self._state(), self.out / "checkpoint.pt")
@@ -238,6 +248,7 @@ class SoftTokenTrainer:
         self.sched.load_state_dict(st["sched"])
         self.gen.set_state(st["gen"].cpu())
         self.step = int(st["step"])
+        self.seconds = float(st.get("seconds", 0.0))
         self.captions = set(st["captions"])
         for name in ("metrics.jsonl", "val.jsonl"):                    # drop lines the stopped run wrote later
             f = self.out / name
@@ -318,7 +329,9 @@ class SoftTokenTrainer:
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc=c.method)
         try:
             while self.step < c.steps:
+                ts = time.time()
                 rec = self.train_step()
+                self.seconds += time.time() - ts
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     metrics.write(json.dumps(rec) + "\n")
@@ -344,6 +357,7 @@ class SoftTokenTrainer:
         self.bank.save(self.out / "tokens", {"step": self.step, "train_config": c.to_dict()})
         (self.out / "captions.json").write_text(json.dumps(sorted(self.captions)))
         report = {"config": c.to_dict(), "steps": self.step, "seconds_this_session": seconds,
+                  "train_seconds": self.seconds, "seconds_per_step": self.seconds / max(1, self.step),
                   "parameters": self.bank.num_parameters(), "describe": self.bank.describe(),
                   "tokens": str(self.out / "tokens"), "val": _read_jsonl(self.out / "val.jsonl")[-1:]}
         self._figures()

@@ -105,6 +105,16 @@ def test_gradients_reach_only_the_bank_and_the_ema_moves_only_tokens(pipe, tmp_p
                                    atol=1e-7)
 
 
+def test_null_init_starts_every_token_at_the_aligned_null_prompt(pipe, tmp_path):
+    tr = _trainer(pipe, tmp_path, "null", method="agsm", init="null")
+    with torch.no_grad():
+        want = pipe.model.forward_text_aligner(*pipe.text.null(1))[0, 0]
+    torch.testing.assert_close(tr.bank.tokens, want.expand_as(tr.bank.tokens), rtol=0, atol=0)
+    torch.testing.assert_close(tr.ema.tokens, tr.bank.tokens, rtol=0, atol=0)        # ema_init "copy"
+    with pytest.raises(ValueError, match="unknown init"):
+        SoftTrainConfig(init="bos")
+
+
 @pytest.mark.parametrize("method", ["softrepa", "agsm"])
 def test_step_gradient_does_not_depend_on_the_chunk_size(pipe, tmp_path, method):
     grads = []
