@@ -26,7 +26,7 @@ from dream.utils import rng
 
 from .soft_tokens import DiffusersSoftTokens, SoftTokenBank
 
-__all__ = ["PairBatch", "DreamPairs", "UNetPairs"]
+__all__ = ["PairBatch", "DreamPairs", "UNetPairs", "DiffusersPairs"]
 
 
 @dataclass
@@ -138,8 +138,6 @@ class UNetPairs:
         scheduler: a diffusers scheduler with ``add_noise`` and ``alphas_cumprod`` (eps target), or None for
             rectified flow (x_t = (1 - s) x0 + s eps, s = t / T, target eps - x0; SD3).
         num_timesteps: T.
-        added_cond: extra keyword arguments of every denoiser call, per caption (e.g. SD3's
-            ``pooled_projections`` (B, P)), repeated like the captions.
     """
 
     def __init__(self, tokens: DiffusersSoftTokens, scheduler=None, num_timesteps: int = 1000):
@@ -148,7 +146,8 @@ class UNetPairs:
     @torch.no_grad()
     def prepare(self, x0: torch.Tensor, text: torch.Tensor, generator: torch.Generator, t: Optional[int] = None,
                 added_cond: Optional[dict] = None) -> PairBatch:
-        """x0 (B, C, H, W) latents, text (B, Lt, D) caption embeddings (cacheable by the caller)."""
+        """x0 (B, C, H, W) latents, text (B, Lt, D) caption embeddings (cacheable by the caller); ``added_cond``:
+        extra per-caption keyword tensors of every denoiser call (e.g. SD3's ``pooled_projections`` (B, P))."""
         if t is None:
             t = int(rng.randint(self.T, (1,), generator))
         noise = rng.randn(x0.shape, generator, x0.device, x0.dtype)
@@ -160,9 +159,10 @@ class UNetPairs:
             x_t, target = self.scheduler.add_noise(x0, noise, tt), noise
         return PairBatch(x0, target, int(t), {"x_t": x_t, "text": text, "added": dict(added_cond or {})})
 
-    def predict(self, batch: PairBatch, bank: SoftTokenBank, sets: torch.Tensor,
+    def predict(self, batch: PairBatch, bank: Optional[SoftTokenBank], sets: torch.Tensor,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Predictions (r, B, C, H, W); ``bank`` must be the bank installed in ``tokens`` (or its EMA twin)."""
+        """Predictions (r, B, C, H, W) with ``bank`` (the bank installed in ``tokens`` or its EMA twin; None: the
+        model without tokens)."""
         c, B = batch.cond, batch.batch
         dev = batch.x0.device
         rows = torch.arange(B, device=dev) if rows is None else rows.to(dev)
@@ -172,9 +172,9 @@ class UNetPairs:
         added = {k: v.repeat(r, *([1] * (v.dim() - 1))) for k, v in c["added"].items()}
         t = torch.full((r * B,), batch.t, dtype=torch.long, device=dev)
         old = self.tokens.bank
-        self._swap(bank)
+        self._swap(old if bank is None else bank)
         try:
-            with self.tokens.use(sets.reshape(-1)):
+            with self.tokens.use(sets.reshape(-1), enabled=bank is not None):
                 if self.scheduler is None:
                     out = self.model(hidden_states=x, encoder_hidden_states=text, timestep=t, **added).sample
                 else:
@@ -189,3 +189,32 @@ class UNetPairs:
         for name, proc in self.model.attn_processors.items():
             if name in self.tokens.names:
                 proc.bank = bank
+
+
+class DiffusersPairs(UNetPairs):
+    """:class:`UNetPairs` for a Stable Diffusion 1.x-style diffusers pipeline (``unet``, ``scheduler``,
+    ``encode_prompt``, an optional ``vae``): images are encoded to ``latent_dist.mean * scaling_factor`` (pixels as
+    they are without a VAE), captions with ``encode_prompt``. SDXL / SD3 need extra conditioning (pooled text,
+    time ids) that this class does not build: use :class:`UNetPairs` with ``added_cond`` for them."""
+
+    def __init__(self, pipe, tokens: DiffusersSoftTokens):
+        sched = pipe.scheduler
+        super().__init__(tokens, sched, int(sched.config.num_train_timesteps))
+        self.pipe = pipe
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, captions: list) -> dict:
+        p = self.pipe
+        x = images.to(self.device, self.model.dtype)
+        vae = getattr(p, "vae", None)
+        if vae is not None:
+            x = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        text = p.encode_prompt(list(captions), self.device, 1, False)[0]
+        return {"x0": x, "text": text}
+
+    def prepare(self, enc: dict, generator: torch.Generator, t: Optional[int] = None) -> PairBatch:
+        return super().prepare(enc["x0"], enc["text"], generator, t)

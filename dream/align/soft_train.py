@@ -35,7 +35,8 @@ from .soft_tokens import SoftTokenBank, SoftTokenConfig, ema_update_
 
 log = logging.getLogger("dream.align.soft_train")
 
-__all__ = ["SoftTrainConfig", "SoftTokenTrainer", "hard_negative_batch", "positive_pair_error"]
+__all__ = ["SoftTrainConfig", "SoftTokenTrainer", "hard_negative_batch", "positive_pair_error", "load_pipeline",
+           "is_diffusers"]
 
 METHODS = ("softrepa", "agsm")
 
@@ -43,7 +44,7 @@ METHODS = ("softrepa", "agsm")
 @dataclass(frozen=True)
 class SoftTrainConfig(ConfigBase):
     method: str = "agsm"                       # softrepa | agsm
-    model: str = "dream_tiny.shapes"           # DREAM pipeline tag or folder
+    model: str = "dream_tiny.shapes"           # DREAM pipeline tag or folder, or a diffusers SD 1.x folder / tag
     # --- tokens ---
     n_tokens: int = 4
     time_bins: int = 0                         # 100 = the authors' t // 10 table (DREAM: on the head's condition)
@@ -51,6 +52,7 @@ class SoftTrainConfig(ConfigBase):
     init_std: float = 0.02                     # token, as the authors start SD1.5 tokens from the "" BOS) | zeros
     shared_tokens: bool = False                # AGSM ablation: one set for positives and negatives
     uncon2neg: bool = False                    # sampling: CFG's unconditional branch uses psi-
+    groups: tuple = ("down", "mid")            # diffusers UNet: block groups whose cross-attention gets the tokens
     # --- data ---
     batch_size: int = 6                        # B images = B distinct captions (B^2 pairs)
     type_weights: tuple = (0.1, 0.4, 0.1, 0.4)  # anchor prompt types (single, count, pair, relation)
@@ -138,6 +140,44 @@ def hard_negative_batch(world, batch: int, generator: torch.Generator, type_weig
     return images, caps, specs
 
 
+def is_diffusers(pipe) -> bool:
+    """A diffusers pipeline (``unet`` + ``scheduler``) rather than a DREAM pipeline."""
+    return hasattr(pipe, "unet") and hasattr(pipe, "scheduler")
+
+
+def load_pipeline(name, device: Optional[str] = None):
+    """A DREAM pipeline (tag or folder) or a diffusers pipeline (a folder with ``model_index.json`` or a shipped
+    diffusers tag)."""
+    from dream.models.pretrained import get_pretrained_cfg, is_pretrained_tag
+
+    folder = None
+    if is_pretrained_tag(name) and get_pretrained_cfg(os.fspath(name)).kind == "diffusers":
+        folder = get_pretrained_cfg(os.fspath(name)).verify()
+    elif Path(name).is_dir() and (Path(name) / "model_index.json").exists():
+        folder = Path(name)
+    if folder is not None:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        return pipe.to(device) if device else pipe
+    from dream.pipeline import DreamPipeline
+
+    return DreamPipeline.from_pretrained(name, device=device)
+
+
+def dev_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def null_token(pipe) -> torch.Tensor:
+    """The null prompt's first token: diffusers, the "" prompt's BOS embedding (the authors' SD 1.5 token init);
+    DREAM, the aligned null prompt's first token (its analogue)."""
+    if is_diffusers(pipe):
+        return pipe.encode_prompt([""], pipe.unet.device, 1, False)[0][0, 0].float().cpu()
+    return pipe.model.forward_text_aligner(*pipe.text.null(1))[0, 0].cpu()
+
+
 def _set_matrix(batch: int, n_sets: int, device) -> torch.Tensor:
     """Token set of each pair: psi+ (0) on the diagonal, psi- (1) elsewhere; all 0 with one set."""
     s = torch.zeros(batch, batch, dtype=torch.long, device=device)
@@ -182,7 +222,8 @@ class SoftTokenTrainer:
                  logger=None):
         from dream.data.shapes import ShapesWorld
 
-        from .soft_pairs import DreamPairs
+        from .soft_pairs import DiffusersPairs, DreamPairs
+        from .soft_tokens import DiffusersSoftTokens
 
         self.cfg, self.out, self.progress, self.logger = config, Path(out), progress, logger
         self.out.mkdir(parents=True, exist_ok=True)
@@ -192,30 +233,35 @@ class SoftTokenTrainer:
         if not resume and (self.out / "checkpoint.pt").exists():
             raise FileExistsError(f"{self.out} already holds a run; pass resume=True (--resume) or use a new folder")
         config.save(saved)
-        if pipeline is None:
-            from dream.pipeline import DreamPipeline
-
-            pipeline = DreamPipeline.from_pretrained(config.model, device=config.device)
-        self.pipe = pipeline
-        for p in self.pipe.model.parameters():
-            p.requires_grad_(False)
-        self.pairs = DreamPairs(pipeline)
-        self.world = ShapesWorld()
         c = config
+        self.pipe = pipeline if pipeline is not None else load_pipeline(c.model, c.device)
+        diffusers = is_diffusers(self.pipe)
+        denoiser = self.pipe.unet if diffusers else self.pipe.model
+        for p in denoiser.parameters():
+            p.requires_grad_(False)
+        self.world = ShapesWorld()
         g = torch.Generator().manual_seed(c.seed)
-        init = None
-        if c.init == "null":
-            with torch.no_grad():
-                init = pipeline.model.forward_text_aligner(*pipeline.text.null(1))[0, 0].cpu()
-        tc = SoftTokenConfig(dim=pipeline.model.config.decoder_embed_dim, n_tokens=c.n_tokens, n_sets=c.n_sets,
-                             time_bins=c.time_bins, num_timesteps=pipeline.model.config.diffusion_steps,
-                             init="given" if init is not None else c.init, init_std=c.init_std, backbone="dream",
-                             uncon2neg=c.uncon2neg, method=c.method)
-        self.bank = SoftTokenBank(tc, g, init).to(pipeline.device)
+        dev = next(denoiser.parameters()).device
+        if diffusers:
+            ucfg = denoiser.config
+            tc = SoftTokenConfig(dim=ucfg.cross_attention_dim, backbone="unet", groups=c.groups,
+                                 num_timesteps=int(self.pipe.scheduler.config.num_train_timesteps))
+        else:
+            mc = denoiser.config
+            tc = SoftTokenConfig(dim=mc.decoder_embed_dim, backbone="dream", num_timesteps=mc.diffusion_steps)
+        # init "null": the null prompt's first token in every set and token slot
+        init = null_token(self.pipe) if c.init == "null" else None
+        tc = tc.replace(n_tokens=c.n_tokens, n_sets=c.n_sets, time_bins=c.time_bins, init_std=c.init_std,
+                        init="given" if init is not None else c.init, uncon2neg=c.uncon2neg, method=c.method)
+        self.bank = SoftTokenBank(tc, g, init).to(dev)
+        if diffusers:
+            self.pairs = DiffusersPairs(self.pipe, DiffusersSoftTokens(denoiser, self.bank))
+        else:
+            self.pairs = DreamPairs(self.pipe)
         self.ema = None
         if c.method == "agsm":
             self.ema = copy.deepcopy(self.bank) if c.ema_init == "copy" else \
-                SoftTokenBank(tc.replace(init="normal"), g).to(pipeline.device)
+                SoftTokenBank(tc.replace(init="normal"), g).to(dev)
             self.ema.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.bank.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.999),
                                      eps=1e-8)
@@ -240,7 +286,7 @@ class SoftTokenTrainer:
         _atomic_torch_save(self._state(), self.out / "checkpoint.pt")
 
     def _load(self) -> None:
-        st = torch.load(self.out / "checkpoint.pt", weights_only=True, map_location=self.pipe.device)
+        st = torch.load(self.out / "checkpoint.pt", weights_only=True, map_location=dev_of(self.bank))
         self.bank.load_state_dict(st["bank"])
         if self.ema is not None:
             self.ema.load_state_dict(st["ema"])

@@ -204,3 +204,40 @@ def test_cli_align_sample_and_geneval_with_soft_tokens(tmp_path, capsys):
                  "--num-real", "16", "--quiet", "--out", str(tmp_path / "r.json")]) == 0
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["settings"]["soft_tokens"] == str(tokens) and "over_count_rate" in rep
+
+
+class TinySD:
+    """A Stable-Diffusion-1.x-shaped pipeline in pixel space: a tiny UNet built from a config, a DDPM scheduler,
+    no VAE, and ``encode_prompt`` from a fixed random word table (BOS at position 0)."""
+
+    def __init__(self):
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        torch.manual_seed(0)
+        self.unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, in_channels=3,
+                                         out_channels=3, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                         norm_num_groups=8, attention_head_dim=4, sample_size=32).eval()
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.vae = None
+        self.table = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+
+    def encode_prompt(self, prompts, device, num_images_per_prompt, do_classifier_free_guidance):
+        ids = [[0] + [1 + sum(map(ord, w)) % 63 for w in p.split()][:7] for p in prompts]
+        ids = torch.tensor([i + [63] * (8 - len(i)) for i in ids])
+        return self.table[ids].to(device), None
+
+
+def test_tiny_end_to_end_run_on_a_diffusers_unet(tmp_path):
+    pipe = TinySD()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = SoftTrainConfig(**{**TINY, "method": "agsm", "init": "null", "time_bins": 100, "groups": ["down"]})
+    tr = SoftTokenTrainer(cfg, tmp_path / "sd", pipeline=pipe, progress=False)
+    torch.testing.assert_close(tr.bank.tokens[1, 0, 2], pipe.table[0], rtol=0, atol=0)    # BOS of ""
+    tr.run()
+    bank = load_soft_tokens(tmp_path / "sd" / "tokens")
+    assert bank.config.backbone == "unet" and bank.config.groups == ("down",) and bank.config.n_sets == 2
+    assert not torch.equal(bank.tokens, tr.ema.tokens)
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in after)
+    assert all(p.grad is None for p in pipe.unet.parameters())
