@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--num-real", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=150, help="images per sampling batch")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stage", default="all", choices=["all", "train"],
+                   help="train: only train the --runs (parallel processes can share the work folder)")
     p.add_argument("--smoke", action="store_true")
     a = p.parse_args(argv)
     if a.smoke:
@@ -93,8 +95,14 @@ class Evaluator:
 
         self.args, self.work = args, work
         self.pipe = DreamPipeline.from_pretrained("dream_tiny.shapes")
-        self.bench = GenEvalShapes(num_real=args.num_real)
+        self._bench, self._cls = None, GenEvalShapes
         (work / "evals").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def bench(self):
+        if self._bench is None:
+            self._bench = self._cls(num_real=self.args.num_real)
+        return self._bench
 
     def prompts(self, n: int, prompt_seed: int, types=None):
         from dream.eval.geneval_shapes import geneval_prompts
@@ -211,6 +219,8 @@ def main(argv=None) -> int:
     ev = Evaluator(args, work)
     t0 = time.time()
     reports = train_all(args, work, ev.pipe)
+    if args.stage == "train":
+        return 0
     names = [n for n in RUNS if n in reports]
     tok = lambda n: work / "train" / n / "tokens"  # noqa: E731
 
