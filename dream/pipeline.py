@@ -7,7 +7,8 @@
 A pipeline folder holds ``model/`` (model.safetensors + config.json), ``tokenizer/`` (config.json and,
 for a VAE, its weights; or ``pipeline.json`` names a shipped tokenizer such as ``shapes_vae``) and ``pipeline.json``
 (text-encoder spec, padding-mask switch, the sampler settings the checkpoint was tuned with: ``num_iter``,
-``cfg``, ``cfg_schedule``, ``temperature``, ``clip_denoised``). The frozen text encoder is referenced, not copied:
+``cfg``, ``cfg_schedule``, ``temperature``, ``clip_denoised``; ``soft_tokens``: a soft-token folder loaded with the
+model). The frozen text encoder is referenced, not copied:
 ``minilm``, ``hf:/path/to/t5-large`` or ``random``.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ def pipeline_meta(name_or_path: Union[str, os.PathLike]) -> tuple[Path, dict]:
                                 f"{', '.join(list_pretrained('pipeline'))})")
     meta_file = folder / PIPELINE_FILE
     meta = read_config_file(meta_file, "pipeline") if meta_file.exists() else {}
-    known = {"tokenizer", "text_encoder", "use_padding_mask", "clip_denoised", "weights", *SAMPLING_DEFAULTS}
+    known = {"tokenizer", "text_encoder", "use_padding_mask", "clip_denoised", "weights", "soft_tokens",
+             *SAMPLING_DEFAULTS}
     unknown = sorted(set(meta) - known)
     if unknown:
         raise ConfigError(f"unknown keys in {meta_file}: {unknown} (known: {sorted(known)})")
@@ -113,9 +115,12 @@ class DreamPipeline:
         else:
             model = dream.create_model(folder / "model" if (folder / "model").is_dir() else folder, **model_overrides)
         tokenizer = create_tokenizer(_tokenizer_spec(folder, meta))
-        return cls(model, tokenizer, text_encoder or meta.get("text_encoder", "minilm"),
+        pipe = cls(model, tokenizer, text_encoder or meta.get("text_encoder", "minilm"),
                    meta.get("use_padding_mask", False), device, meta.get("clip_denoised", "auto"),
                    {k: meta[k] for k in SAMPLING_DEFAULTS if k in meta})
+        if meta.get("soft_tokens"):
+            pipe.load_soft_tokens(folder / meta["soft_tokens"])
+        return pipe
 
     def load_lora(self, path: Union[str, os.PathLike], weight: float = 1.0, name: Optional[str] = None,
                   fuse: bool = False) -> str:
@@ -130,23 +135,49 @@ class DreamPipeline:
             merge_lora(self.model, unload=True)
         return name
 
+    def load_soft_tokens(self, path: Union[str, os.PathLike], uncon2neg: Optional[bool] = None):
+        """Load SoftREPA / AGSM soft tokens (a folder or ``soft_tokens.safetensors`` written by
+        :meth:`dream.align.soft_tokens.SoftTokenBank.save`) into the model: they join the decoder's text stream in
+        sampling (CFG: the conditional branch uses psi+, the unconditional branch psi- when ``uncon2neg``, default:
+        the tokens' own setting), a time table shifts the diffusion head's condition. Replaces tokens loaded before;
+        works with LoRA adapters. Returns the bank."""
+        from dream.align.soft_tokens import attach_dream, load_soft_tokens
+
+        bank = load_soft_tokens(path, device=self.device)
+        attach_dream(self.model, bank, uncon2neg)
+        return bank
+
+    def unload_soft_tokens(self) -> None:
+        """Remove loaded soft tokens (the model samples as without them)."""
+        from dream.align.soft_tokens import detach_dream
+
+        detach_dream(self.model)
+
     def save_pretrained(self, folder: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
+        import copy
+
         from dream.adapters.runtime import is_lora_layer
+        from dream.align.soft_tokens import detach_dream
         from dream.models.convert import save_pretrained
 
         folder = Path(folder)
         model = self.model
+        bank = None
+        if "soft_text" in model._modules:                    # soft tokens: saved beside the model, not inside it
+            model = copy.deepcopy(model)
+            bank = detach_dream(model)
         if any(is_lora_layer(m) for m in model.modules()):   # LoRA adapters: save the fused weights
-            import copy
-
             from dream.adapters import merge_lora
 
-            model = merge_lora(copy.deepcopy(model), unload=True)
+            model = merge_lora(copy.deepcopy(model) if model is self.model else model, unload=True)
         save_pretrained(model, folder / "model", dtype=dtype)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         meta = {"tokenizer": "tokenizer", "text_encoder": self.text_encoder_spec,
                 "use_padding_mask": self.text.use_padding_mask, "clip_denoised": self.clip_denoised,
                 **self.sampling_defaults}
+        if bank is not None:
+            bank.save(folder / "soft_tokens")
+            meta["soft_tokens"] = "soft_tokens"
         (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=2))
         return folder
 

@@ -15,7 +15,7 @@ COMMANDS = {
     "sample": ("dream.cli.sample", "generate images from prompts (plain, SAD, best-of-K)"),
     "eval": ("dream.cli.eval", "FID, CLIP score, linear probe, few-shot, retrieval"),
     "data": ("dream.cli.data", "make webdataset shards (folders, CSV/JSONL, ShapesWorld)"),
-    "align": ("dream.cli.align", "align a text-to-image model: DreamSync (LoRA self-training)"),
+    "align": ("dream.cli.align", "align a text-to-image model: DreamSync (LoRA), SoftREPA and AGSM (soft tokens)"),
     "demo": ("dream.cli.demo", "ShapesWorld end-to-end demo (the main job of `make demo`)"),
 }
 

@@ -2,6 +2,7 @@
 
     dream eval geneval-shapes --model dream_tiny.shapes --prompts 300 --prompt-seed 0 --seed 0 --out r.json
     dream eval geneval-shapes --model dream_tiny.shapes --lora runs/ds/round3/lora --sad 4,0.25 --out r.json
+    dream eval geneval-shapes --model dream_tiny.shapes --soft-tokens runs/agsm/tokens --prompt-seed 1 --out r.json
 
 Prints a one-line summary and writes the report (every rate with its standard error) as JSON.
 """
@@ -14,12 +15,15 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from dream.cli.sample import add_soft_token_arguments
+
     p.add_argument("--model", required=True,
                    help="a shipped tag (dream_tiny.shapes, sd_tiny.shapes) or a pipeline folder (DREAM or diffusers)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA adapter(s) to load into the model (repeatable)")
     p.add_argument("--sad", default=None, metavar="K,TAU", help="Semantically Aligned Decoding (default: plain)")
     p.add_argument("--fast", action="store_true", help="fast sampling preset (dream.sampling.FAST_PRESET)")
+    add_soft_token_arguments(p)
     p.add_argument("--prompts", type=int, default=300, help="held-out prompts (one image each)")
     p.add_argument("--prompt-seed", type=int, default=0, help="which held-out prompts")
     p.add_argument("--exclude", default=None,
@@ -41,7 +45,7 @@ def _read_captions(path: str) -> list[str]:
 
 def run(args) -> int:
     from dream.align.generators import DreamGenerator, load_generator
-    from dream.cli.sample import parse_sad
+    from dream.cli.sample import apply_soft_tokens, parse_sad
     from dream.eval.geneval_shapes import GenEvalShapes, geneval_prompts
 
     gen = load_generator(args.model, device=args.device, batch_size=args.batch_size, progress=not args.quiet)
@@ -54,19 +58,22 @@ def run(args) -> int:
     if isinstance(gen, DreamGenerator):
         sad = parse_sad(args.sad) if args.sad else None
         pipe = gen.pipe
+        apply_soft_tokens(pipe, args, "dream eval geneval-shapes")
 
         def generate(caps):
             return pipe.generate(caps, seed=args.seed, sad=sad, batch_size=args.batch_size, progress=not args.quiet,
                                  fast=args.fast)
     else:
-        if args.sad or args.fast:
-            raise SystemExit("--sad and --fast are DREAM's decoding; the model is a diffusers pipeline")
+        if args.sad or args.fast or args.soft_tokens:
+            raise SystemExit("--sad, --fast and --soft-tokens are DREAM pipeline options; the model is a diffusers "
+                             "pipeline (for its soft tokens use dream.align.soft_tokens.DiffusersSoftTokens)")
 
         def generate(caps):
             return gen.generate(caps, args.seed)
     report = bench.run(generate, prompts)
     report["settings"] = {"model": args.model, "lora": args.lora, "sad": args.sad, "prompt_seed": args.prompt_seed,
-                          "seed": args.seed, "fast": args.fast}
+                          "seed": args.seed, "fast": args.fast, "soft_tokens": args.soft_tokens,
+                          "uncon2neg": args.uncon2neg}
     g = report["geneval"]
     print(f"prompt accuracy {report['prompt_accuracy']:.3f} ±{report['prompt_accuracy_se']:.3f}  GenEval overall "
           f"{g['overall']:.3f}  counting {g['counting']:.3f}  position {g['position']:.3f}  over-count "

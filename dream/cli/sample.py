@@ -5,10 +5,13 @@
     dream sample --model dream_tiny.shapes --rerank 5 "a green triangle" --out samples/
     dream sample --model dream_tiny.shapes --lora runs/l/lora --lora style.safetensors:0.5 "a red square"
     dream sample --model dream_tiny.shapes --fast "a red square" --out samples/
+    dream sample --model dream_tiny.shapes --soft-tokens runs/agsm/tokens "three red circles" --out samples/
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -35,6 +38,27 @@ def add_arguments(p):
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="LoRA adapter (peft folder, diffusers or kohya file) with a weight (default 1); repeatable; "
                         "the adapters are fused into the weights before sampling")
+    add_soft_token_arguments(p)
+
+
+def add_soft_token_arguments(p) -> None:
+    p.add_argument("--soft-tokens", default=None, metavar="PATH",
+                   help="SoftREPA / AGSM soft tokens (a tokens folder or soft_tokens.safetensors from `dream align`)")
+    p.add_argument("--uncon2neg", action=argparse.BooleanOptionalAction, default=None,
+                   help="CFG's unconditional branch uses psi- (AGSM's second token set); default: the tokens' setting")
+
+
+def apply_soft_tokens(pipe, args, command: str) -> None:
+    """Load ``--soft-tokens`` into the pipeline (with ``--uncon2neg``); a bad file ends the command."""
+    if not getattr(args, "soft_tokens", None):
+        if getattr(args, "uncon2neg", None) is not None:
+            raise SystemExit(f"{command}: --uncon2neg needs --soft-tokens")
+        return
+    try:
+        bank = pipe.load_soft_tokens(args.soft_tokens, uncon2neg=args.uncon2neg)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{command} --soft-tokens {args.soft_tokens}: {e}") from None
+    print(bank.describe(), file=sys.stderr)
 
 
 def parse_sad(text: str):
@@ -78,6 +102,7 @@ def run(args) -> int:
         raise SystemExit("dream sample: no prompts given")
     pipe = DreamPipeline.from_pretrained(args.model, device=args.device, text_encoder=args.text_encoder)
     apply_loras(pipe.model, args.lora, "dream sample")
+    apply_soft_tokens(pipe, args, "dream sample")
     sad = parse_sad(args.sad) if args.sad else None
     images, scores = pipe.generate(prompts, num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature,
                                    seed=args.seed, batch_size=args.batch_size, cfg_schedule=args.cfg_schedule,
@@ -88,7 +113,7 @@ def run(args) -> int:
     paths = save_images(images, out)
     grid = save_grid(images, prompts, out / "grid.png")
     meta = {"prompts": prompts, "files": [p.name for p in paths], "seed": args.seed, "sad": args.sad,
-            "rerank": args.rerank, "lora": list(args.lora), "fast": args.fast,
+            "rerank": args.rerank, "lora": list(args.lora), "fast": args.fast, "soft_tokens": args.soft_tokens,
             "scores": None if scores is None else scores.tolist()}
     (out / "samples.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {len(paths)} images and {grid}")

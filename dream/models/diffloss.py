@@ -156,7 +156,11 @@ class SimpleMLPAdaLN(nn.Module):
         return self.final_layer.forward_silu(x, sy)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x (N, C) noisy tokens, t (N,) original-scale timesteps, c (N, Dz) -> (N, out)."""
+        """x (N, C) noisy tokens, t (N,) original-scale timesteps, c (N, Dz) -> (N, out). An attached
+        ``time_condition`` module (t -> (N, Dz), e.g. a soft-token time table) is added to c first."""
+        tc = self._modules.get("time_condition")
+        if tc is not None:
+            c = c + tc(t).to(c.dtype)
         return self.forward_cond(x, self.time_embed(t) + self.cond_embed(c))
 
     # ------------------------------------------------------------------------------------------
@@ -183,6 +187,10 @@ class SimpleMLPAdaLN(nn.Module):
             ada_b.append(bias.to(w.dtype))
         te = self.time_embed                           # (S, W) in the net's own dtype (float32 normally)
         temb = te.mlp(te.sinusoid(timesteps.to(device), te.freq_dim).to(te.mlp[0].weight.dtype)).float()
+        tc = self._modules.get("time_condition")
+        if tc is not None:   # cond_embed(z + d(t)) = cond_embed(z) + W_c d(t): a per-step shift of the time embedding
+            w_c = _affine_params(self.cond_embed)[0]
+            temb = temb + F.linear(tc(timesteps.to(device)).to(w_c.dtype), w_c).float()
         return {"W": W,
                 "cond": tuple(cast(v) for v in _affine_params(self.cond_embed)),
                 "inp": tuple(cast(v) for v in _affine_params(self.input_proj)),

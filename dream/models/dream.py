@@ -269,6 +269,14 @@ class DREAM(nn.Module):
         y = run_blocks(self.text_aligner, y, key_padding_mask=text_padding_mask, checkpointing=cfg.grad_checkpointing)
         return self.text_aligner_norm(y) if cfg.text_aligner_norm else y
 
+    def extend_text_condition(self, y: torch.Tensor, text_padding_mask: Optional[torch.Tensor] = None,
+                              branch: str = "cond"):
+        """(y, padding mask) with the extra condition tokens of an attached ``soft_text`` module appended (soft
+        tokens, :func:`dream.align.soft_tokens.attach_dream`; ``branch`` "cond" or "uncond" picks the CFG branch's
+        set); the inputs themselves when none is attached."""
+        ext = self._modules.get("soft_text")
+        return (y, text_padding_mask) if ext is None else ext(y, text_padding_mask, branch)
+
     # ------------------------------------------------------------------------------------------
     # decoder
     # ------------------------------------------------------------------------------------------

@@ -258,8 +258,10 @@ class MARSampler:
         y_null = kv = kv_null = None
         with self.config.autocast(dev):
             y = m.forward_text_aligner(text_feats, text_padding_mask)
+            y, text_padding_mask = m.extend_text_condition(y, text_padding_mask, "cond")        # soft tokens, if any
             if self.guided:
                 y_null = m.forward_text_aligner(null_feats, null_padding_mask)
+                y_null, null_padding_mask = m.extend_text_condition(y_null, null_padding_mask, "uncond")
             if self.config.reuse_text_kv:
                 kv = m.decoder_text_kv(y)
                 if self.guided:
