@@ -157,7 +157,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(dst)
             shutil.copytree(adapter, dst)
             adapter = dst
-            results["adapter"] = str(dst.relative_to(REPO))
+            results["adapter"] = str(dst.relative_to(REPO)) if dst.is_relative_to(REPO) else str(dst)
         t0 = time.time()
         results["reproduction"] = reproduce(args, adapter, args.repro_seeds)
         timings["reproduction_s"] = time.time() - t0

@@ -23,8 +23,13 @@ OFFICIAL_TINY = FIXTURES / "official_dream_tiny"
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Seed every test; afterwards restore the process-wide torch settings a script's ``main`` may change
+    (benchmarks set the thread count and turn autograd off for their whole run)."""
     torch.manual_seed(0)
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
     yield
+    torch.set_grad_enabled(grad)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,10 @@ holds config.json, checkpoint.pt, metrics.jsonl, val.jsonl, tokens/ (safetensors
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+
+from dream.cli.options import parse_set
 
 SOFT_METHODS = ("softrepa", "agsm")
 
@@ -43,19 +44,6 @@ def _common(d: argparse.ArgumentParser, what: str) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _overrides(pairs) -> dict:
-    out = {}
-    for kv in pairs:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {kv!r}")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def _config(cls, args, **fixed):
     from pathlib import Path
 
@@ -66,7 +54,7 @@ def _config(cls, args, **fixed):
         cfg = cls.load(args.config)
     else:
         cfg = cls()
-    return cfg.replace(**{**_overrides(args.set), **fixed})
+    return cfg.replace(**{**parse_set(args.set), **fixed})
 
 
 def run(args) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dream.cli.options import parse_set
+
 _FLAGS = {  # flag -> (TrainConfig field, type)
     "--model": ("model", str), "--data": ("data", str), "--tokenizer": ("tokenizer", str),
     "--text-encoder": ("text_encoder", str), "--batch-size": ("batch_size", int), "--grad-accum": ("grad_accum", int),
@@ -49,12 +51,7 @@ def run(args) -> int:
     out, cfg = run_config(TrainConfig, "dream train", args, "train_config.json")
     log_to = options_from_args(args)
     over = {field: getattr(args, field) for _, (field, _) in _FLAGS.items() if getattr(args, field) is not None}
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k] = v
+    over.update(parse_set(args.set))
     if args.compile:
         over["compile"] = True
     if args.resume and "data" not in over and not args.allow_command_urls:

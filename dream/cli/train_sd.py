@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dream.cli.options import parse_set
+
 
 def add_arguments(p):
     from dream.utils import run_logger
@@ -37,12 +39,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     out, cfg = run_config(SDTrainConfig, "dream train-sd", args, "sd_train_config.json")
     over = {k: getattr(args, k) for k in ("steps", "minutes", "seed") if getattr(args, k) is not None}
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        try:
-            over[k] = json.loads(v)
-        except json.JSONDecodeError:
-            over[k] = v
+    over.update(parse_set(args.set))
     cfg = cfg.replace(**over)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "sd_train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

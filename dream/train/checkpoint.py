@@ -163,3 +163,27 @@ def load_resumable(folder: os.PathLike, check: Optional[Callable[[dict, Path], N
                         len(reasons))
         return path, state
     raise RuntimeError(f"--resume: no checkpoint in {folder} loads: " + "; ".join(reasons))
+
+
+def require_state(st: dict, keys, model: Optional[torch.nn.Module] = None, model_key: Optional[str] = None,
+                  path: Optional[os.PathLike] = None) -> None:
+    """Raise ``KeyError`` unless the training state ``st`` has every key in ``keys``; with ``model``, also check
+    ``st[model_key]`` against it (names and shapes) before anything is changed."""
+    missing = [k for k in keys if k not in st]
+    if missing:
+        raise KeyError(f"training state without {missing}")
+    if model is not None:
+        from dream.models.convert import check_state_dict
+
+        check_state_dict(model, st[model_key], path)
+
+
+def restore_loop_state(trainer, st: dict) -> None:
+    """Restore what every single-process trainer keeps besides its modules: ``opt``, ``step``, the data
+    generator ``gen``, the global torch RNG, ``history`` and the seconds trained before (``prior_s``)."""
+    trainer.opt.load_state_dict(st["optimizer"])
+    trainer.step = int(st["step"])
+    trainer.gen.set_state(st["rng_gen"])
+    torch.set_rng_state(st["rng_torch"])
+    trainer.history = list(st.get("history", []))
+    trainer.prior_s = float(st.get("train_s", 0.0))

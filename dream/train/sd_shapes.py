@@ -311,26 +311,18 @@ class SDShapesTrainer:
         return save_checkpoint(self.state(), self.out, self.step, keep=2)
 
     def _check_resumable(self, st: dict, path: Path) -> None:
-        from dream.models.convert import check_state_dict
+        from .checkpoint import require_state
 
-        missing = [k for k in ("model", "ema", "optimizer", "step", "rng_gen", "rng_torch") if k not in st]
-        if missing:
-            raise KeyError(f"training state without {missing}")
-        check_state_dict(self.model, st["model"], path)
+        require_state(st, ("model", "ema", "optimizer", "step", "rng_gen", "rng_torch"), self.model, "model", path)
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that loads (newer broken ones are skipped with a warning)."""
-        from .checkpoint import load_resumable
+        from .checkpoint import load_resumable, restore_loop_state
 
         path, st = load_resumable(self.out, self._check_resumable)
         self.model.load_state_dict(st["model"])
         self.ema.load_state_dict(st["ema"])
-        self.opt.load_state_dict(st["optimizer"])
-        self.step = int(st["step"])
-        self.gen.set_state(st["rng_gen"])
-        torch.set_rng_state(st["rng_torch"])
-        self.history = list(st.get("history", []))
-        self.prior_s = float(st.get("train_s", 0.0))
+        restore_loop_state(self, st)
         self.cache_s = float(st.get("cache_s", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
 

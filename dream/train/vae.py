@@ -126,25 +126,17 @@ class VAETrainer:
         return save_checkpoint(self.state(), self.out, self.step, keep=2)
 
     def _check_resumable(self, st: dict, path: Path) -> None:
-        from dream.models.convert import check_state_dict
+        from .checkpoint import require_state
 
-        missing = [k for k in ("vae", "optimizer", "step", "rng_gen", "rng_torch") if k not in st]
-        if missing:
-            raise KeyError(f"training state without {missing}")
-        check_state_dict(self.vae, st["vae"], path)
+        require_state(st, ("vae", "optimizer", "step", "rng_gen", "rng_torch"), self.vae, "vae", path)
 
     def resume(self) -> None:
         """Continue from the newest checkpoint that loads (newer broken ones are skipped with a warning)."""
-        from .checkpoint import load_resumable
+        from .checkpoint import load_resumable, restore_loop_state
 
         path, st = load_resumable(self.out, self._check_resumable)
         self.vae.load_state_dict(st["vae"])
-        self.opt.load_state_dict(st["optimizer"])
-        self.step = int(st["step"])
-        self.gen.set_state(st["rng_gen"])
-        torch.set_rng_state(st["rng_torch"])
-        self.history = list(st.get("history", []))
-        self.prior_s = float(st.get("train_s", 0.0))
+        restore_loop_state(self, st)
         log.info("resumed from %s at step %d", path, self.step)
 
     # ---- training ---------------------------------------------------------------------------------

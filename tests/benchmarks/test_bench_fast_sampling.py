@@ -1,15 +1,14 @@
 """``benchmarks/bench_fast_sampling.py`` runs end to end (tiny settings) and writes every number it reports."""
-import importlib.util
 import json
 from pathlib import Path
+
+from helpers import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fast_sampling.py"
 
 
 def test_bench_fast_sampling_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_fast_sampling_under_test", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(BENCH)
     out = tmp_path / "r.json"
     assert mod.main(["--configs", "shapes", "--rows", "default", "official-loop", "reuse-text-kv", "fast",
                      "--repeats", "1", "--shapes-batch", "4", "--prompts", "8", "--bootstrap", "4",

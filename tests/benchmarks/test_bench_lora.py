@@ -1,18 +1,16 @@
 """``benchmarks/bench_lora.py`` runs end to end on dream_test (one step per configuration, one sampling repeat)
 and writes the fields the README quotes; the LoRA worker trains only the adapter."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
+from helpers import load_script
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_lora.py"
 
 
-def test_bench_lora_smoke(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_lora_under_test", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_bench_lora_smoke(tmp_path):
+    mod = load_script(BENCH)
     out = tmp_path / "r.json"
     assert mod.main(["--sizes", "dream_test:2", "--steps", "1", "--warmup", "0", "--sample-config", "dream_test",
                      "--sample-batch", "2", "--sample-iter", "2", "--sample-repeats", "1", "--out", str(out)]) == 0

@@ -10,7 +10,6 @@ Tolerances (tests/tolerance.py): a fast path and the plain code are two float32 
 compared by flash-attention's 2x rule against the plain code run in float64.
 """
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -21,16 +20,14 @@ import torch
 from dream.diffusion import create_diffusion
 from dream.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 from dream.models.diffloss import SimpleMLPAdaLN, TimestepEmbedder
+from helpers import load_script
 from tolerance import U, assert_2x
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train_under_test", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1,18 +1,16 @@
 """benchmarks/shapes_objectives.py end to end at toy size: three objectives train and are evaluated."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "shapes_objectives.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("shapes_objectives_under_test", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH)
 
 
 def test_shapes_objectives_smoke(tmp_path):

@@ -1,6 +1,5 @@
 """Smoke tests of the scripts in examples/: each runs in-process at a tiny size and its outputs are checked."""
 import argparse
-import importlib.util
 import json
 import math
 
@@ -8,15 +7,12 @@ import torch
 from PIL import Image
 
 from conftest import OFFICIAL_TINY, REPO
+from helpers import load_script
 
 
 def load_example(name: str):
     """The module ``examples/<name>.py`` (examples/ is not a package: users copy the files)."""
-    path = REPO / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "examples" / f"{name}.py", f"example_{name}")
 
 
 def write_shapes_folder(root, n: int, split: str) -> list[str]:

@@ -1,7 +1,6 @@
 """Trainer: exact resume, atomic checkpoints, 2-process gloo == 1 process, dream train end to end."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -9,18 +8,9 @@ import torch
 
 import dream
 from tolerance import assert_rel_close, gemm_rel_tol
-from dream.train import TrainConfig
 from dream.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
-TINY = {"clip_vocab_size": 49408, "img_size": 32, "vae_stride": 1, "patch_size": 8, "vae_embed_dim": 3}
-
-
-def _cfg(**kw):
-    base = dict(model="dream_test", model_overrides=TINY, text_encoder="random", batch_size=4, steps=4,
-                log_every=1, ckpt_every=2, precision="fp32", lr=1e-3, warmup_steps=1, ema_decay=0.9,
-                masking={"preset": "dream"}, steps_per_epoch=1)
-    base.update(kw)
-    return TrainConfig(**base)
+from helpers import TINY, tiny_train_config as _cfg
 
 
 def _weights(trainer):
