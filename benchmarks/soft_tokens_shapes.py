@@ -58,6 +58,8 @@ MAIN = ("softrepa", "agsm")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dream_tiny.shapes",
+                   help="the frozen model: a DREAM pipeline (tag or folder) or a diffusers SD 1.x one (sd_tiny.shapes)")
     p.add_argument("--work", default=str(ROOT / "runs" / "soft_tokens_shapes"))
     p.add_argument("--out", default=str(RESULTS / "soft_tokens_shapes.json"))
     p.add_argument("--tokens-dir", default=str(RESULTS / "soft_tokens_shapes"))
@@ -90,11 +92,13 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------------------------
 class Evaluator:
     def __init__(self, args, work: Path):
+        from dream.align.generators import DreamGenerator, load_generator
         from dream.eval.geneval_shapes import GenEvalShapes
-        from dream.pipeline import DreamPipeline
 
         self.args, self.work = args, work
-        self.pipe = DreamPipeline.from_pretrained("dream_tiny.shapes")
+        gen = load_generator(args.model, batch_size=args.batch_size)
+        # DREAM: the pipeline itself (its own generate); diffusers: the generator (soft tokens in its UNet)
+        self.gen, self.pipe = (None, gen.pipe) if isinstance(gen, DreamGenerator) else (gen, None)
         self._bench, self._cls = None, GenEvalShapes
         (work / "evals").mkdir(parents=True, exist_ok=True)
 
@@ -116,12 +120,14 @@ class Evaluator:
         f = self.work / "evals" / f"{key}.json"
         if f.exists():
             return json.loads(f.read_text())
-        p = self.pipe
+        p = self.pipe or self.gen
         p.unload_soft_tokens()
         if tokens is not None:
             p.load_soft_tokens(tokens, uncon2neg=uncon2neg)
         t0 = time.time()
-        images = p.generate([q.caption for q in prompts], seed=seed, batch_size=self.args.batch_size)
+        caps = [q.caption for q in prompts]
+        images = (self.pipe.generate(caps, seed=seed, batch_size=self.args.batch_size) if self.pipe is not None
+                  else self.gen.generate(caps, seed))
         sec = (time.time() - t0) / len(prompts)
         rep = self.bench.evaluate(images, prompts, seconds_per_image=sec)
         det = self.bench.verifier.score(images, [q.spec for q in prompts], details=True)["details"]
@@ -166,7 +172,7 @@ def strip(rep: dict) -> dict:
 def train_all(args, work: Path, pipe) -> dict:
     from dream.align.soft_train import SoftTokenTrainer, SoftTrainConfig
 
-    common = {"steps": args.steps, "snapshot_every": max(1, args.steps // 4), "val_every": max(1, args.steps // 4),
+    common = {"model": args.model, "steps": args.steps, "snapshot_every": max(1, args.steps // 4), "val_every": max(1, args.steps // 4),
               "val_batches": 4, "lr_interval": max(1, args.steps // 10), **json.loads(args.train)}
     if args.smoke:
         common.update(batch_size=3, val_batches=1)
@@ -218,7 +224,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ev = Evaluator(args, work)
     t0 = time.time()
-    reports = train_all(args, work, ev.pipe)
+    reports = train_all(args, work, ev.pipe)          # diffusers (ev.pipe None): the trainer loads its own copy
     if args.stage == "train":
         return 0
     names = [n for n in RUNS if n in reports]
@@ -266,7 +272,8 @@ def main(argv=None) -> int:
                              "counting_se": r["geneval_se"]["counting"], "over_count_rate": r["over_count_rate"],
                              "fid_cnn": r.get("fid_cnn")})
 
-    pair_err = pair_errors_table(args, work, ev.pipe, names)
+    pair_err = pair_errors_table(args, work, ev.pipe, names) if ev.pipe is not None else \
+        {"note": "positive-pair errors are measured for DREAM only"}
 
     base_h, base_c = evals["heldout"]["base"], evals["counting"]["base"]
     pair_stats = {}
@@ -281,11 +288,11 @@ def main(argv=None) -> int:
                              "overall": overall_paired(evals["heldout"][n], base_h)}
         pair_stats[n] = st
 
-    result = {"settings": {"model": "dream_tiny.shapes", "steps": args.steps, "runs": {n: RUNS[n] for n in names},
+    result = {"settings": {"model": args.model, "steps": args.steps, "runs": {n: RUNS[n] for n in names},
                            "train_config": {n: reports[n]["config"] for n in names},
                            "heldout": f"{len(held)} test-split prompts, prompt seed 0, sampling seed 0",
                            "counting": f"{len(count)} test-split counting prompts, prompt seed 0, sampling seed 0",
-                           "sampler": ev.pipe.sampler_config().to_dict()},
+                           "sampler": ev.pipe.sampler_config().to_dict() if ev.pipe is not None else ev.gen.sampler},
               "base": strip(base_h)}
     for n in MAIN:
         if n in names:
@@ -324,7 +331,8 @@ def acceptance(r: dict) -> dict:
         out["agsm_counting_gain_counting_prompts"] = cnt["agsm"]["geneval"]["counting"] - \
             cnt["base"]["geneval"]["counting"]
         out["agsm_counting_gain_heldout"] = r["agsm"]["geneval"]["counting"] - r["base"]["geneval"]["counting"]
-        out["counting_gain_ge_0.10"] = out["agsm_counting_gain_counting_prompts"] >= 0.10
+        target = 0.10 if r["settings"]["model"] == "dream_tiny.shapes" else 0.08   # the DREAM / the SD issue's bar
+        out[f"counting_gain_ge_{target:.2f}"] = out["agsm_counting_gain_counting_prompts"] >= target
         if "softrepa" in cnt:
             out["agsm_over_count_le_softrepa"] = cnt["agsm"]["over_count_rate"] <= cnt["softrepa"]["over_count_rate"]
         out["agsm_overall_not_below_base"] = r["agsm"]["geneval"]["overall"] >= r["base"]["geneval"]["overall"]

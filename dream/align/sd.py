@@ -297,3 +297,36 @@ class DiffusersGenerator:
         from dream.adapters import load_lora
 
         load_lora(self.unet, path, weight=weight)
+
+    # ---- soft tokens ---------------------------------------------------------------------------------
+    def load_soft_tokens(self, path, uncon2neg: Optional[bool] = None):
+        """Load SoftREPA / AGSM soft tokens trained for this UNet (``dream align softrepa|agsm`` with a diffusers
+        model) into its cross-attention (:class:`~dream.align.soft_tokens.DiffusersSoftTokens`): generation uses
+        psi+ on the conditional half of the CFG batch and, with ``uncon2neg`` (default: the tokens' own setting),
+        psi- on the unconditional half. Replaces tokens loaded before; a file that does not fit this UNet raises
+        ``ValueError`` and leaves the tokens loaded before in place. Returns the bank."""
+        from .soft_tokens import DiffusersSoftTokens, load_soft_tokens
+
+        bank = load_soft_tokens(path, device=self.device)
+        c, want = bank.config, self.unet.config.cross_attention_dim
+        if c.backbone != "unet":
+            raise ValueError(f"{path}: soft tokens for a {c.backbone!r} model, this generator has a UNet")
+        if c.dim != want:
+            raise ValueError(f"{path}: soft tokens of width {c.dim}, the UNet's cross-attention takes {want}")
+        bank = bank.to(self.dtype).requires_grad_(False)
+        old = getattr(self, "_soft", None)
+        if old is not None:
+            old.remove()
+        try:
+            self._soft = DiffusersSoftTokens(self.unet, bank, uncon2neg=uncon2neg)
+        except Exception:
+            self._soft = None if old is None else DiffusersSoftTokens(self.unet, old.bank, old.context.cfg_halves)
+            raise
+        return bank
+
+    def unload_soft_tokens(self) -> None:
+        """Remove loaded soft tokens (the UNet's own attention processors back)."""
+        old = getattr(self, "_soft", None)
+        if old is not None:
+            old.remove()
+        self._soft = None

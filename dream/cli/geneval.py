@@ -64,9 +64,9 @@ def run(args) -> int:
             return pipe.generate(caps, seed=args.seed, sad=sad, batch_size=args.batch_size, progress=not args.quiet,
                                  fast=args.fast)
     else:
-        if args.sad or args.fast or args.soft_tokens:
-            raise SystemExit("--sad, --fast and --soft-tokens are DREAM pipeline options; the model is a diffusers "
-                             "pipeline (for its soft tokens use dream.align.soft_tokens.DiffusersSoftTokens)")
+        if args.sad or args.fast:
+            raise SystemExit("--sad and --fast are DREAM's decoding; the model is a diffusers pipeline")
+        apply_soft_tokens(gen, args, "dream eval geneval-shapes")
 
         def generate(caps):
             return gen.generate(caps, args.seed)

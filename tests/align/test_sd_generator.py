@@ -269,3 +269,32 @@ def test_saved_adapters_load_with_diffusers_and_with_load_lora(folders, kind, tm
     other.load_lora(peft_dir)
     assert _err(unet_probe(other.unet), truth) <= tol
     assert _rel(ours, unet_probe(_gen(folders, kind).unet)) > 100 * tol
+
+
+def test_soft_tokens_load_into_the_generator(folders, tmp_path):
+    """Soft tokens trained for a diffusers UNet load into the generator: sampling changes with them (they enter the
+    cross-attention), unloading gives the plain samples back bit for bit, a file that does not fit (another width)
+    raises and leaves the tokens loaded before in place, and tokens replace tokens instead of stacking."""
+    from dream.align.soft_tokens import SoftTokenBank, SoftTokenConfig
+
+    gen = _gen(folders, "pixel")
+    dim = gen.unet.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    good = SoftTokenBank(SoftTokenConfig(dim=dim, n_sets=2, backbone="unet", init_std=1.0), generator=g)
+    other = SoftTokenBank(SoftTokenConfig(dim=dim, n_sets=2, backbone="unet", init_std=1.0), generator=g)
+    wide = SoftTokenBank(SoftTokenConfig(dim=dim + 8, backbone="unet"))
+    paths = {n: b.save(tmp_path / n) for n, b in (("good", good), ("other", other), ("wide", wide))}
+    plain = gen.generate(PROMPTS, 0)
+    gen.load_soft_tokens(paths["good"])
+    with_tokens = gen.generate(PROMPTS, 0)
+    assert (with_tokens - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="width"):
+        gen.load_soft_tokens(paths["wide"])
+    assert torch.equal(gen.generate(PROMPTS, 0), with_tokens)
+    gen.load_soft_tokens(paths["other"])
+    gen.load_soft_tokens(paths["good"])                   # replaces "other": the same samples as "good" alone
+    assert torch.equal(gen.generate(PROMPTS, 0), with_tokens)
+    gen.load_soft_tokens(paths["good"], uncon2neg=True)   # CFG's unconditional half uses psi-
+    assert not torch.equal(gen.generate(PROMPTS, 0), with_tokens)
+    gen.unload_soft_tokens()
+    assert torch.equal(gen.generate(PROMPTS, 0), plain)
