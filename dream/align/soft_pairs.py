@@ -12,8 +12,9 @@ arXiv 2605.30038 draw one t and one eps per step), so a row differs only by its 
   soft tokens join the decoder's text stream after the aligned text; the time table's row for t is added to the
   head's condition z (see :mod:`dream.align.soft_tokens`). e_ij is the eps-MSE over image i's M x C masked values.
 * :class:`UNetPairs` (diffusers UNet / SD3 transformer): x_t of image i repeated over captions, the text embeddings
-  of caption j, the set index of each pair through :class:`~dream.align.soft_tokens.DiffusersSoftTokens`; eps target
-  (DDPM-style schedulers) or eps - x0 (flow matching, sigma = t / T).
+  of caption j, the set index of each pair through :class:`~dream.align.soft_tokens.DiffusersSoftTokens`; the
+  target the model was trained on (DDPM-style schedulers: eps, v or x0 as ``prediction_type`` says) or eps - x0
+  (flow matching, sigma = t / T).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ class UNetPairs:
 
     Args:
         tokens: the soft tokens installed in the denoiser (``tokens.model``).
-        scheduler: a diffusers scheduler with ``add_noise`` and ``alphas_cumprod`` (eps target), or None for
+        scheduler: a diffusers scheduler with ``add_noise`` (target: eps, v or x0 as its ``prediction_type``), or None for
             rectified flow (x_t = (1 - s) x0 + s eps, s = t / T, target eps - x0; SD3).
         num_timesteps: T.
     """
@@ -156,7 +157,16 @@ class UNetPairs:
             s = t / self.T
             x_t, target = (1 - s) * x0 + s * noise, noise - x0
         else:
-            x_t, target = self.scheduler.add_noise(x0, noise, tt), noise
+            x_t = self.scheduler.add_noise(x0, noise, tt)
+            kind = getattr(self.scheduler.config, "prediction_type", "epsilon")
+            if kind == "epsilon":
+                target = noise
+            elif kind == "v_prediction":
+                target = self.scheduler.get_velocity(x0, noise, tt)
+            elif kind == "sample":
+                target = x0
+            else:
+                raise ValueError(f"unknown prediction_type {kind!r} in the scheduler config")
         return PairBatch(x0, target, int(t), {"x_t": x_t, "text": text, "added": dict(added_cond or {})})
 
     def predict(self, batch: PairBatch, bank: Optional[SoftTokenBank], sets: torch.Tensor,
