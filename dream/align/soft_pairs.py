@@ -208,7 +208,11 @@ class DiffusersPairs(UNetPairs):
     time ids) that this class does not build: use :class:`UNetPairs` with ``added_cond`` for them."""
 
     def __init__(self, pipe, tokens: DiffusersSoftTokens):
-        sched = pipe.scheduler
+        from diffusers import DDPMScheduler
+
+        # the training-time forward process of the pipeline's schedule (a sampling scheduler such as DPM-Solver
+        # looks its noise levels up in the inference timesteps and has no get_velocity)
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)
         super().__init__(tokens, sched, int(sched.config.num_train_timesteps))
         self.pipe = pipe
 

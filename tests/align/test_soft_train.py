@@ -246,19 +246,21 @@ def test_tiny_end_to_end_run_on_a_diffusers_unet(tmp_path):
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_unet_pair_target_follows_the_prediction_type(kind):
     """The pair target is what the UNet was trained to predict (a v-prediction model scored against eps would rank
-    captions by the wrong error): eps, v = sqrt(a) eps - sqrt(1 - a) x0 (plain math), or x0."""
-    from diffusers import DDPMScheduler
+    captions by the wrong error): eps, v = sqrt(a) eps - sqrt(1 - a) x0 (plain math), or x0 -- also when the
+    pipeline carries a sampling scheduler (DPM-Solver++, as sd_tiny.shapes) rather than DDPM."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    from dream.align.soft_pairs import UNetPairs
+    from dream.align.soft_pairs import DiffusersPairs
 
     pipe = TinySD()
-    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
-    pairs = UNetPairs(DiffusersSoftTokens(pipe.unet, SoftTokenBank(SoftTokenConfig(dim=32, backbone="unet",
-                                                                                     groups=("down",)))), sched)
+    pipe.scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type=kind)
+    pairs = DiffusersPairs(pipe, DiffusersSoftTokens(pipe.unet, SoftTokenBank(SoftTokenConfig(
+        dim=32, backbone="unet", groups=("down",)))))
     x0 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    b = pairs.prepare(x0, torch.zeros(2, 8, 32), torch.Generator().manual_seed(1), t=600)
-    a = sched.alphas_cumprod[600].double()
+    b = pairs.prepare({"x0": x0, "text": torch.zeros(2, 8, 32)}, torch.Generator().manual_seed(1), t=600)
+    a = pipe.scheduler.alphas_cumprod[600].double()
     noise = (b.cond["x_t"].double() - a.sqrt() * x0.double()) / (1 - a).sqrt()       # the draw, from x_t
+    assert noise.std() > 0.5                                                            # x_t = sqrt(a) x0 + ...
     want = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0.double(),
             "sample": x0.double()}[kind]
     torch.testing.assert_close(b.target.double(), want, rtol=0, atol=1e-4)
