@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/dreamsync_shapes", help="run folders (main, random_selection, self_judge)")
     p.add_argument("--model", default="dream_tiny.shapes")
-    p.add_argument("--prompts", type=int, default=1000)
+    p.add_argument("--prompts", type=int, default=400)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--keep", type=int, default=4, help="self-judge run: candidates finished after partial scoring")
     p.add_argument("--rounds", type=int, default=3)
