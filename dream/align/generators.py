@@ -71,7 +71,23 @@ class T2IGenerator(Protocol):
     def load_lora(self, path, weight: float = 1.0) -> None: ...
 
 
-class DreamGenerator:
+class LoraFiles:
+    """``save_lora`` / ``merge_lora`` for a generator whose adapters live in ``self.lora_module``."""
+
+    def save_lora(self, path, format: str = "peft") -> Path:
+        """The adapter as a peft folder, a diffusers file or a kohya file (``format``)."""
+        from dream.adapters import save_lora
+
+        return Path(save_lora(self.lora_module, path, format=format))
+
+    def merge_lora(self) -> None:
+        """Fuse the active adapters into the weights and drop the wrappers (plain modules again)."""
+        from dream.adapters import merge_lora
+
+        merge_lora(self.lora_module, unload=True)
+
+
+class DreamGenerator(LoraFiles):
     """A DREAM pipeline as a DreamSync generator. ``sampler`` overrides the pipeline's sampler settings
     (``num_iter``, ``cfg``, ``temperature``, ``cfg_schedule``, ``num_sampling_steps``)."""
 
@@ -180,16 +196,6 @@ class DreamGenerator:
             losses.append(float(loss.detach()))
         return {"steps": steps, "pairs": n, "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
                 "losses": losses}
-
-    def save_lora(self, path, format: str = "peft") -> Path:
-        from dream.adapters import save_lora
-
-        return Path(save_lora(self.pipe.model, path, format=format))
-
-    def merge_lora(self) -> None:
-        from dream.adapters import merge_lora
-
-        merge_lora(self.pipe.model, unload=True)
 
     def load_lora(self, path, weight: float = 1.0) -> None:
         self.pipe.load_lora(path, weight=weight)

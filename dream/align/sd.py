@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .generators import LoraTrainConfig
+from .generators import LoraFiles, LoraTrainConfig
 
 __all__ = ["DiffusersGenerator", "SAMPLER_DEFAULTS", "unet_targets"]
 
@@ -82,7 +82,7 @@ def _resolve(name_or_path) -> tuple[Path, dict]:
     return folder, {}
 
 
-class DiffusersGenerator:
+class DiffusersGenerator(LoraFiles):
     """A diffusers ``StableDiffusionPipeline`` (latent, or pixel-space with ``vae=None``) as a DreamSync generator.
 
     Args:
@@ -278,19 +278,6 @@ class DiffusersGenerator:
                 unet.eval()
         return {"steps": steps, "pairs": n, "loss_first": losses[0],
                 "loss_last": sum(losses[-10:]) / len(losses[-10:]), "losses": losses}
-
-    def save_lora(self, path, format: str = "peft") -> Path:
-        """The UNet's adapter as a peft folder, a diffusers file (``unet.`` keys, for ``pipe.load_lora_weights``)
-        or a kohya file."""
-        from dream.adapters import save_lora
-
-        return Path(save_lora(self.unet, path, format=format))
-
-    def merge_lora(self) -> None:
-        """Fuse the active adapters into the UNet's weights and drop the wrappers (plain diffusers modules)."""
-        from dream.adapters import merge_lora
-
-        merge_lora(self.unet, unload=True)
 
     def load_lora(self, path, weight: float = 1.0) -> None:
         """Load a LoRA file or folder (peft / diffusers / kohya) into the UNet with ``weight``."""

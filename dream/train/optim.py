@@ -65,6 +65,15 @@ class LRSchedule:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def warmup_cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """The small trainers' schedule (VAE, Stable Diffusion): linear warm-up reaching ``lr`` at step
+    ``warmup_steps - 1``, then a half cosine to ``min_lr`` at ``total_steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
 def scaled_lr(blr: float, batch_size: int) -> float:
     """Official base-LR scaling: lr = blr * effective batch / 256."""
     return blr * batch_size / 256

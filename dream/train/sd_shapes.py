@@ -270,11 +270,10 @@ class SDShapesTrainer:
 
     # ---- schedule and loss -------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
+        from .optim import warmup_cosine_lr
+
         c = self.cfg
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        t = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
-        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
+        return warmup_cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.steps)
 
     def loss(self, k: int) -> torch.Tensor:
         """The epsilon-prediction loss of batch ``k``; draws (in order) caption dropout, the posterior sample,

@@ -101,11 +101,10 @@ class VAETrainer:
             self.resume()
 
     def lr_at(self, step: int) -> float:
+        from .optim import warmup_cosine_lr
+
         c = self.cfg
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        t = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
-        return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * t))
+        return warmup_cosine_lr(step, c.lr, c.min_lr, c.warmup_steps, c.steps)
 
     def images(self, k: int, split: str = "train") -> torch.Tensor:
         """Batch ``k`` of the split: a pure function of ``k`` (exact resume)."""
