@@ -8,8 +8,9 @@ evaluation prompts (GenEval-shapes, test split, none equal to a training prompt)
 * ``random_selection``: the control: each round keeps as many pairs as the main rule would, for the same prompts,
   but with a uniformly random candidate (its round 1 reuses main's candidates and scores: same model, same seeds);
 * ``self_judge``: DREAM as its own judge (:class:`~dream.align.judges.DreamSelfJudge`), and candidates scored
-  part-way (DREAM's critic after a quarter of the tokens) so that only the best ``--keep`` of K are finished: its
-  generation time against main's measures the cost saved.
+  part-way (DREAM's critic after a quarter of the tokens) so that only the best ``--keep`` of K are finished;
+* ``self_judge_cost`` (DREAM only): the cost saved by part-way scoring, both ways timed in turn in one process
+  (CPU seconds per prompt; the runs' wall times are not comparable when other jobs share the machine).
 
 Every run is evaluated with the verifier's *evaluation* variant after each round (plain decoding, the pipeline's
 sampler settings). Afterwards the main run's adapters are combined into one file (committed under
@@ -48,7 +49,7 @@ def parse_args(argv=None):
                                      '"max_steps": 400}', help="LoraTrainConfig fields (JSON)")
     p.add_argument("--candidate-sampler", default='{"num_sampling_steps": "15", "num_iter": 12}',
                    help="sampler overrides for the candidates (JSON; the evaluation keeps the pipeline's settings)")
-    p.add_argument("--runs", nargs="*", default=["main", "random_selection", "self_judge"])
+    p.add_argument("--runs", nargs="*", default=["main", "random_selection", "self_judge", "self_judge_cost"])
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "dreamsync_shapes.json"))
     p.add_argument("--adapter-dir", default=str(REPO / "benchmarks" / "results" / "dreamsync_shapes_lora"))
     p.add_argument("--num-real", type=int, default=1000)
@@ -117,6 +118,27 @@ def reproduce(args, adapter: Path, seeds) -> dict:
     return out
 
 
+def self_judge_cost(args, n_prompts: int = 32, repeats: int = 2) -> dict:
+    """Candidate generation with and without part-way scoring, timed in turn in this process (CPU seconds, so other
+    jobs on the machine do not bias the ratio): all K finished vs DREAM's critic after ``tau`` and only ``--keep``
+    finished, on the same prompts, seeds and candidate sampler."""
+    from dream.align import load_generator
+
+    gen = load_generator(args.model, sampler=json.loads(args.candidate_sampler))
+    prompts = [json.loads(x)["prompt"] for x in (Path(args.out) / "main" / "prompts.jsonl").read_text().splitlines()
+               if x.strip()][:n_prompts]
+    cpu = {"all_k": [], "partial": []}
+    for _ in range(repeats):
+        for name, keep in (("all_k", None), ("partial", args.keep)):
+            t0 = time.process_time()
+            gen.candidates(prompts, args.k, seed=0, keep=keep, tau=0.25)
+            cpu[name].append(time.process_time() - t0)
+    a, b = min(cpu["all_k"]), min(cpu["partial"])
+    return {"prompts": len(prompts), "k": args.k, "keep": args.keep, "tau": 0.25, "cpu_s": cpu,
+            "cpu_s_per_prompt_all_k": a / len(prompts), "cpu_s_per_prompt_partial": b / len(prompts),
+            "cost_ratio_partial_over_all_k": b / a}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dream.align import DreamSync
@@ -126,6 +148,9 @@ def main(argv=None) -> int:
     reports = {}
     for name in args.runs:
         t0 = time.time()
+        if name == "self_judge_cost":
+            results["self_judge_cost"] = self_judge_cost(args)
+            continue
         if name == "main":
             cfg = _config(args)
         elif name == "random_selection":
