@@ -1,6 +1,6 @@
 """Training-throughput benchmark: images/s and achieved model FLOP/s of one full DREAM training step.
 
-What one timed step is (the official recipe, see ``shared/reference/official_cpu_baseline.md`` §1):
+What one timed step is (the official training recipe of arXiv 2603.02667):
 ``model.train()`` (dropout 0.1 active), batch 64, mask ratio fixed at 0.7 (45 of 64 tokens masked, a
 random permutation per image), loss = L_diff + 0.005 L_clip, backward, grad-norm clip 3.0, AdamW(0.9,
 0.95) with weight decay 0.04 on the official parameter groups (``dream.train.optim.build_optimizer``),

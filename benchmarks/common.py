@@ -1,7 +1,7 @@
 """Shared benchmark helpers: same-run GEMM peaks, timing, JSON results and the "reference config" model.
 
 The reference configuration is the one of the official CPU baseline
-(``shared/reference/official_cpu_baseline.md``, config (a)): 32x32 pixel-space images as 64 tokens of 48
+(the official DREAM code timed on CPU, its config (a)): 32x32 pixel-space images as 64 tokens of 48
 dims (vae_stride 1, patch 4, 3 channels), width 256 with 4 encoder + 4 decoder blocks of 4 heads, a
 16-token buffer, a 2-block text aligner over (B, 16, 384) text features, a CLIP text tower of width
 128 / 2 layers / 2 heads / context 32, and a 256 x 3 diffusion MLP sampled with 100 steps. Weights are the

@@ -1,7 +1,7 @@
 """DREAM: one model that is a CLIP-style image encoder and a masked-autoregressive text-to-image
-generator (arXiv 2603.02667), re-implemented from the official behaviour documented in
-``shared/reference/dream_spec.md``. MAR parts follow arXiv 2406.11838, text conditioning FLUID
-(arXiv 2410.13863).
+generator (arXiv 2603.02667), re-implemented from the paper and the behaviour of the official code
+(checked against its fixture in ``tests/fixtures/official_dream_tiny``). MAR parts follow arXiv 2406.11838,
+text conditioning FLUID (arXiv 2410.13863).
 
 Data flow (one training forward)::
 
